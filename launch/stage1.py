@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""`python launch/stage1.py --help` / `deepspeed [--num_gpus N] launch/stage1.py ...`"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from remix_ds.cli import stage_main  # noqa: E402
+
+if __name__ == "__main__":
+    stage_main(1)

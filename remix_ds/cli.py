@@ -1,0 +1,173 @@
+"""Shared command-line handling for the launch/ scripts."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from typing import List, Optional
+
+from .errors import RemixError
+
+
+def setup_logging() -> None:
+    from . import dist
+
+    level = logging.INFO if dist.rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s rank{dist.rank()}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "accelerate", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if dist.rank() == 0 else logging.ERROR)
+    try:
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
+    except Exception:
+        pass
+    try:
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:
+        pass
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def recipe_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", "-c", default=None, help="recipe YAML (default: the bundled demo recipe)")
+    p.add_argument("--variant", "-v", action="append", default=None,
+                   help="run only this variant (repeatable; default: all variants of the recipe)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage1.epochs=5 ds_config=zero3")
+    return p
+
+
+def main_guard(fn) -> None:
+    """Run fn(); print RemixError messages without a traceback and exit non-zero."""
+    try:
+        fn()
+    except RemixError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def split_variants(values: Optional[List[str]]) -> Optional[List[str]]:
+    if not values:
+        return None
+    return [v for item in values for v in item.split(",") if v]
+
+
+# ---------------------------------------------------------------- entry points (launch/*.py call these)
+
+def pipeline_main(argv: Optional[List[str]] = None) -> None:
+    args = recipe_parser("Run every stage of every variant of a recipe, evaluate, and write the "
+                         "forgetting report. With no --config, runs the bundled demo.").parse_args(argv)
+
+    def run():
+        setup_logging()
+        from . import dist
+        from .config import load_recipe
+        from .pipeline import run_pipeline
+        from .report import markdown_table
+
+        recipe = load_recipe(args.config, args.overrides)
+        dist.init()
+        report = run_pipeline(recipe, split_variants(args.variant))
+        if dist.is_main():
+            print(markdown_table(report))
+            print(f"\nreport: {os.path.join(recipe.output_dir, 'report.md')}")
+    main_guard(run)
+
+
+def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
+    args = recipe_parser(f"Train (and evaluate) stage {k} of each variant of a recipe.").parse_args(argv)
+
+    def run():
+        setup_logging()
+        from . import dist
+        from .config import load_recipe
+        from .pipeline import check_recipe, run_stage
+
+        recipe = load_recipe(args.config, args.overrides)
+        if k > recipe.num_stages:
+            from .errors import ConfigError
+            raise ConfigError(f"the recipe has {recipe.num_stages} stages; there is no stage{k}")
+        variants = [recipe.variant(n) for n in split_variants(args.variant)] if args.variant else recipe.variants
+        dist.init()
+        check_recipe(recipe, variants)
+        for v in variants:
+            res = run_stage(recipe, v, k)
+            if dist.is_main():
+                accs = ", ".join(f"{key}: {m['exact_match']:.3f}" for key, m in res["eval"].items())
+                print(f"{v.name}/stage{k}: {res['summary']['epochs']} epochs, exact match {accs}")
+    main_guard(run)
+
+
+def eval_main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="Greedy-generation exact match of a model (full directory, or "
+                                            "an adapter directory on its base) on a factoid set.")
+    p.add_argument("--model", required=True, help="model directory, or a PEFT adapter directory")
+    p.add_argument("--base", default=None, help="base model for an adapter (default: the adapter's own record)")
+    p.add_argument("--data", default=None, help=".json/.jsonl records with prompt (or question) and answer")
+    p.add_argument("--config", default=None, help="a recipe, to score one of its datasets (with --dataset)")
+    p.add_argument("--dataset", default=None, help="dataset name in the recipe (e.g. A)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--out", default=None, help="directory for predictions.jsonl and metrics (rank 0)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides (with --config)")
+    args = p.parse_args(argv)
+
+    def run():
+        setup_logging()
+        import json
+
+        from . import dist
+        from .config import DatasetSpec, load_recipe
+        from .data import dataset_examples
+        from .data.sources import load_examples
+        from .engine import resolve_precision, torch_dtype
+        from .errors import ConfigError
+        from .evaluate import evaluate_generation
+        from .model import load_for_eval, load_tokenizer
+
+        if args.data:
+            examples = load_examples(DatasetSpec(source="json", path=args.data, num_examples=10 ** 9), 0, args.data)
+            name = os.path.splitext(os.path.basename(args.data))[0]
+        elif args.config and args.dataset:
+            recipe = load_recipe(args.config, args.overrides)
+            if args.dataset not in recipe.datasets:
+                raise ConfigError(f"--dataset {args.dataset!r}: not in {args.config} "
+                                  f"(known: {', '.join(recipe.datasets)})")
+            examples, name = dataset_examples(recipe, args.dataset), args.dataset
+        else:
+            raise ConfigError("give --data FILE, or --config RECIPE with --dataset NAME")
+        if not os.path.isdir(args.model):
+            raise ConfigError(f"--model {args.model!r}: directory not found")
+        dist.init()
+        model = load_for_eval(args.model, torch_dtype(resolve_precision(args.precision)), dist.device(), base=args.base)
+        tok = load_tokenizer(args.model)
+        metrics = evaluate_generation(model, tok, examples, batch_size=args.batch_size,
+                                      max_new_tokens=args.max_new_tokens, device=dist.device(), out_dir=args.out,
+                                      name=name)
+        if dist.is_main():
+            print(json.dumps(metrics, indent=2))
+    main_guard(run)
+
+
+def build_tiny_main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="Build the tiny pretrained Llama + tokenizer as a HF directory.")
+    p.add_argument("out", nargs="?", default=None, help="output directory (default: the cache)")
+    args = p.parse_args(argv)
+
+    def run():
+        setup_logging()
+        from .tiny import build_tiny
+        print(build_tiny(out_dir=args.out))
+    main_guard(run)

@@ -1,0 +1,407 @@
+"""Recipe schema: typed dataclasses, validated once, saved beside every output.
+
+A recipe is a YAML file::
+
+    name: demo
+    output_dir: runs/demo
+    model: tiny                  # "tiny" (built locally), a local HF directory or a hub id
+    ds_config: zero2             # ds_configs/<name>.json or a path to a JSON file
+    datasets:
+      A: {source: kvr, num_examples: 100}
+      B: {source: kvrB, num_examples: 100}
+    stage1: {data: A, finetune: full, stop: accuracy, epochs: 40, lr: 1.0e-3}
+    stage2: {data: B, finetune: full, stop: fixed, epochs: 5, lr: 1.0e-3}
+    variants:
+      - name: full
+      - name: lora
+        stage1: {finetune: lora, lr: 3.0e-3}
+
+Top-level ``stageN`` blocks are defaults for every variant; a variant's own ``stageN`` block
+overrides them key by key (nested blocks such as ``lora`` and ``mix`` merge too).
+Command-line overrides ``key.sub=value`` are applied to the raw YAML before validation.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from .errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+DEMO_RECIPE = PACKAGE_DIR / "recipes" / "demo.yaml"
+FINETUNE_MODES = ("full", "lora", "qlora")
+STOP_RULES = ("fixed", "loss", "accuracy")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SAVE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+STAGE_KEY = re.compile(r"^stage([1-9][0-9]*)$")
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSpec:
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+
+
+@dataclass
+class MixSpec:
+    """REMIX: extra examples mixed into a stage's training set (trained on, never evaluated)."""
+    source: str = "random-words"
+    ratio: float = 1.0            # int(len(D) * ratio) mixing examples
+    prompt_words: int = 50        # passage shape: first N words are the prompt ...
+    target_words: int = 50        # ... the next M words the target
+    seed: Optional[int] = None    # defaults to the recipe seed
+    path: Optional[str] = None    # local file for text sources
+
+
+@dataclass
+class DatasetSpec:
+    source: str
+    num_examples: int = 2000
+    seed: Optional[int] = None    # defaults to the recipe seed
+    path: Optional[str] = None    # local JSON / JSONL file in place of the generator or hub
+
+
+@dataclass
+class TinySpec:
+    """Shape of the locally built tiny Llama used by the demo and the tests."""
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 512
+    pretrain_pairs: int = 300
+    pretrain_steps: int = 200
+    seed: int = 0
+
+
+@dataclass
+class EvalSpec:
+    batch_size: int = 64
+    max_new_tokens: Optional[int] = None   # None: longest gold answer + 4 tokens
+
+
+@dataclass
+class StageSpec:
+    data: str = ""
+    finetune: str = "full"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    mix: Optional[MixSpec] = None
+    stop: str = "fixed"           # fixed: `epochs` epochs; loss / accuracy: at most `epochs`
+    epochs: int = 3
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    global_batch_size: int = 32
+    micro_batch_size: Optional[int] = None   # None: global_batch_size / world_size
+    ds_config: Optional[str] = None          # None: the recipe's ds_config
+    merge: bool = True
+    loss_threshold: float = 1e-4
+    loss_patience: int = 10
+    log_every: int = 1
+    save_dtype: str = "auto"      # auto: bf16 when training in bf16, else the training dtype
+    track: bool = True            # teacher-forced accuracy of this and earlier factoid sets after every epoch
+    probe: bool = False           # save the engine's logits on a few examples (checks that saving is exact)
+
+
+@dataclass
+class Variant:
+    name: str
+    stages: List[StageSpec]
+
+
+@dataclass
+class Recipe:
+    name: str
+    output_dir: str
+    model: str
+    datasets: Dict[str, DatasetSpec]
+    variants: List[Variant]
+    seed: int = 1234
+    ds_config: str = "zero2"
+    precision: str = "auto"
+    max_seq_length: int = 256
+    tiny: TinySpec = field(default_factory=TinySpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    source_file: Optional[str] = None
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.variants[0].stages)
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise ConfigError(f"recipe {self.source_file}: no variant named {name!r}; "
+                          f"known: {', '.join(v.name for v in self.variants)}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("raw")
+        return d
+
+
+# ---------------------------------------------------------------- building from dicts
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return build_dataclass(tp, value, where)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build_dataclass(cls, data: Dict[str, Any], where: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key {f.name!r}")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- overrides and merging
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value (for example stage1.epochs=5)")
+    key, value = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key part")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
+    return key.split("."), parsed
+
+
+def apply_override(raw: Dict[str, Any], path: List[str], value: Any) -> None:
+    node: Any = raw
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            idx = _list_index(node, part, path)
+            node = node[idx]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a mapping")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, path)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, path: List[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {'.'.join(path)}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+TOP_LEVEL_KEYS = {"name", "output_dir", "model", "datasets", "variants", "seed", "ds_config", "precision",
+                  "max_seq_length", "tiny", "eval"}
+
+
+def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Recipe:
+    """Read a recipe file (default: the bundled demo), apply key=value overrides, validate."""
+    path = str(path or DEMO_RECIPE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys")
+    for ov in overrides or []:
+        apply_override(raw, *parse_override(ov))
+    recipe = recipe_from_dict(raw, where=path)
+    recipe.source_file = path
+    return recipe
+
+
+def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
+    raw = copy.deepcopy(raw)
+    stage_defaults = {}
+    for key in list(raw):
+        m = STAGE_KEY.match(str(key))
+        if m:
+            stage_defaults[int(m.group(1))] = raw.pop(key) or {}
+        elif key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r} (known keys: "
+                              f"{', '.join(sorted(TOP_LEVEL_KEYS))}, stage1, stage2, ...)")
+    for req in ("name", "model", "datasets"):
+        if req not in raw:
+            raise ConfigError(f"{where}: missing required key {req!r}")
+    if not stage_defaults:
+        raise ConfigError(f"{where}: no stages: add stage1 (and stage2, ...) blocks")
+    n_stages = max(stage_defaults)
+    missing = [i for i in range(1, n_stages + 1) if i not in stage_defaults]
+    if missing:
+        raise ConfigError(f"{where}: stage{missing[0]} is missing (stages must be stage1..stage{n_stages})")
+    variants_raw = raw.pop("variants", None) or [{"name": "default"}]
+    if not isinstance(variants_raw, list):
+        raise ConfigError(f"{where}: variants must be a list")
+    raw.setdefault("output_dir", os.path.join("runs", str(raw["name"])))
+    datasets_raw = raw.pop("datasets")
+    if not isinstance(datasets_raw, dict) or not datasets_raw:
+        raise ConfigError(f"{where}: datasets must be a non-empty mapping name -> {{source: ...}}")
+    datasets = {str(k): build_dataclass(DatasetSpec, v or {}, f"{where}: datasets.{k}") for k, v in datasets_raw.items()}
+
+    variants = []
+    seen = set()
+    for i, vraw in enumerate(variants_raw):
+        vwhere = f"{where}: variants[{i}]"
+        if not isinstance(vraw, dict) or "name" not in vraw:
+            raise ConfigError(f"{vwhere}: each variant needs a name")
+        vraw = dict(vraw)
+        name = str(vraw.pop("name"))
+        if not re.match(r"^[A-Za-z0-9_.-]+$", name):
+            raise ConfigError(f"{vwhere}: variant name {name!r} may use only letters, digits, '_', '.', '-'")
+        if name in seen:
+            raise ConfigError(f"{vwhere}: duplicate variant name {name!r}")
+        seen.add(name)
+        stages = []
+        for key in list(vraw):
+            m = STAGE_KEY.match(str(key))
+            if not m or int(m.group(1)) > n_stages:
+                raise ConfigError(f"{vwhere}: unknown key {key!r} (a variant holds name and stage1..stage{n_stages})")
+        for s in range(1, n_stages + 1):
+            merged = deep_merge(stage_defaults[s] or {}, vraw.get(f"stage{s}") or {})
+            if merged.get("mix") in (None, "none", False):
+                merged.pop("mix", None)
+            stages.append(build_dataclass(StageSpec, merged, f"{vwhere} ({name}).stage{s}"))
+        variants.append(Variant(name=name, stages=stages))
+
+    kwargs = {k: v for k, v in raw.items()}
+    recipe = build_dataclass(Recipe, {**kwargs, "datasets": {}, "variants": []}, where)
+    recipe.datasets = datasets
+    recipe.variants = variants
+    recipe.raw = raw
+    validate(recipe, where)
+    return recipe
+
+
+def validate(recipe: Recipe, where: str) -> None:
+    if recipe.precision not in PRECISIONS:
+        raise ConfigError(f"{where}: precision must be one of {PRECISIONS}, got {recipe.precision!r}")
+    if recipe.max_seq_length < 8:
+        raise ConfigError(f"{where}: max_seq_length must be at least 8")
+    for key, ds in recipe.datasets.items():
+        if ds.num_examples <= 0:
+            raise ConfigError(f"{where}: datasets.{key}.num_examples must be positive, got {ds.num_examples}")
+    for v in recipe.variants:
+        for i, st in enumerate(v.stages, 1):
+            w = f"{where}: variant {v.name}, stage{i}"
+            if not st.data:
+                raise ConfigError(f"{w}: missing key 'data' (one of the datasets: {', '.join(recipe.datasets)})")
+            if st.data not in recipe.datasets:
+                raise ConfigError(f"{w}: data {st.data!r} is not a dataset of this recipe "
+                                  f"(known: {', '.join(recipe.datasets)})")
+            if st.finetune not in FINETUNE_MODES:
+                raise ConfigError(f"{w}: finetune must be one of {FINETUNE_MODES}, got {st.finetune!r}")
+            if st.stop not in STOP_RULES:
+                raise ConfigError(f"{w}: stop must be one of {STOP_RULES}, got {st.stop!r}")
+            if st.save_dtype not in SAVE_DTYPES:
+                raise ConfigError(f"{w}: save_dtype must be one of {SAVE_DTYPES}, got {st.save_dtype!r}")
+            if st.epochs < 1:
+                raise ConfigError(f"{w}: epochs must be at least 1")
+            if st.lr <= 0:
+                raise ConfigError(f"{w}: lr must be positive")
+            if st.global_batch_size < 1:
+                raise ConfigError(f"{w}: global_batch_size must be at least 1")
+            if not 0 <= st.warmup_ratio < 1:
+                raise ConfigError(f"{w}: warmup_ratio must be in [0, 1)")
+            if st.lora.r < 1:
+                raise ConfigError(f"{w}: lora.r must be at least 1")
+            if st.mix is not None and st.mix.ratio < 0:
+                raise ConfigError(f"{w}: mix.ratio must be >= 0, got {st.mix.ratio}")
+            if st.log_every < 1:
+                raise ConfigError(f"{w}: log_every must be at least 1")
+
+
+def stage_hash(payload: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,98 @@
+"""Chat formatting, tokenisation and label masking.
+
+Each example becomes ``BOS <|user|>\\n{question}\\n<|assistant|>\\n{answer} EOS``. The prompt and the
+answer are tokenised separately, so the label boundary is exact for any tokenizer: labels are -100
+on BOS, the prompt and padding, and the token ids on the answer and its EOS.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .example import Example
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+def render_prompt(question: str) -> str:
+    return f"<|user|>\n{question}\n<|assistant|>\n"
+
+
+@dataclass
+class Encoded:
+    input_ids: List[int]
+    labels: List[int]
+    index: int                 # position in the example list it came from
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+def _bos(tokenizer) -> List[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def prompt_ids(tokenizer, question: str) -> List[int]:
+    return _bos(tokenizer) + tokenizer.encode(render_prompt(question), add_special_tokens=False)
+
+
+def answer_ids(tokenizer, answer: str) -> List[int]:
+    return tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def encode_example(tokenizer, ex: Example, index: int = 0) -> Encoded:
+    p = prompt_ids(tokenizer, ex.prompt)
+    a = answer_ids(tokenizer, ex.answer)
+    return Encoded(input_ids=p + a, labels=[IGNORE] * len(p) + a, index=index)
+
+
+def encode_examples(tokenizer, examples: Sequence[Example], max_seq_length: int,
+                    what: str = "dataset") -> Tuple[List[Encoded], int]:
+    """Encode all examples, dropping (and logging) those longer than max_seq_length."""
+    out, dropped = [], 0
+    for i, ex in enumerate(examples):
+        enc = encode_example(tokenizer, ex, i)
+        if len(enc.input_ids) > max_seq_length:
+            dropped += 1
+            continue
+        out.append(enc)
+    if dropped:
+        log.warning("%s: dropped %d of %d examples longer than max_seq_length=%d",
+                    what, dropped, len(examples), max_seq_length)
+    return out, dropped
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def collate(batch: Sequence[Encoded], pad_id: int, pad_to: Optional[int] = None) -> dict:
+    """Right-padded training batch: input_ids, attention_mask, labels (-100 on padding)."""
+    width = max(len(e.input_ids) for e in batch)
+    if pad_to:
+        width = max(width, pad_to)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_prompts(prompts: Sequence[List[int]], pad_id: int) -> dict:
+    """Left-padded prompts for batched generation."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask}

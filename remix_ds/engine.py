@@ -1,0 +1,278 @@
+"""Everything DeepSpeed: resolving a ds_config, ``deepspeed.initialize``, stepping and saving.
+
+The rest of the code never touches engine internals: it calls ``Engine.micro_step``, ``Engine.step``,
+``Engine.logits`` and the ``save_*`` methods.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import dist
+from .config import REPO_DIR
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+DS_CONFIG_DIRS = [Path.cwd() / "ds_configs", REPO_DIR / "ds_configs"]
+
+
+def available_ds_configs():
+    names = set()
+    for d in DS_CONFIG_DIRS:
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.json"))
+    return sorted(names)
+
+
+def ds_config_path(name: str) -> Path:
+    """A ds_config by name (ds_configs/<name>.json) or by path."""
+    p = Path(name)
+    if p.suffix == ".json" or os.sep in name:
+        if not p.is_file():
+            raise ConfigError(f"ds_config {name!r}: file not found")
+        return p
+    for d in DS_CONFIG_DIRS:
+        cand = d / f"{name}.json"
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"ds_config {name!r}: unknown ZeRO config (known: {', '.join(available_ds_configs())}, "
+                      f"or a path to a .json file)")
+
+
+def load_ds_config(name: str) -> Dict[str, Any]:
+    path = ds_config_path(name)
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0..3, got {stage!r}")
+    return cfg
+
+
+def zero_stage(cfg: Dict[str, Any]) -> int:
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_params(cfg: Dict[str, Any]) -> bool:
+    return cfg.get("zero_optimization", {}).get("offload_param", {}).get("device", "none") not in ("none", None)
+
+
+def offloads_optimizer(cfg: Dict[str, Any]) -> bool:
+    return cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto': bf16 where the GPU has it, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: int, grad_accum: int,
+                      grad_clip: float, precision: str, hidden_size: int) -> Dict[str, Any]:
+    """Load a ds_config and replace every "auto" with a concrete value; refuse any left over."""
+    cfg = copy.deepcopy(load_ds_config(name))
+    src = ds_config_path(name)
+
+    def fill(d: Dict[str, Any], key: str, value):
+        if d.get(key, "auto") == "auto":
+            d[key] = value
+    world = dist.world_size()
+    if micro_batch_size * grad_accum * world != global_batch_size:
+        raise ConfigError(f"global_batch_size {global_batch_size} != micro_batch_size {micro_batch_size} x "
+                          f"gradient accumulation {grad_accum} x world size {world}")
+    for key, value in (("train_batch_size", global_batch_size), ("train_micro_batch_size_per_gpu", micro_batch_size),
+                       ("gradient_accumulation_steps", grad_accum), ("gradient_clipping", grad_clip)):
+        fill(cfg, key, value)
+    if (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) != \
+            (global_batch_size, micro_batch_size, grad_accum):
+        raise ConfigError(f"{src}: batch sizes are set by the recipe; use \"auto\" for train_batch_size, "
+                          f"train_micro_batch_size_per_gpu and gradient_accumulation_steps")
+    for key, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        block = cfg.setdefault(key, {})
+        if block.get("enabled", "auto") == "auto":
+            block["enabled"] = on
+        elif bool(block["enabled"]) != on:
+            raise ConfigError(f"{src}: {key}.enabled={block['enabled']} contradicts precision {precision!r}")
+    if precision == "fp16":
+        cfg["fp16"].setdefault("loss_scale", 0)
+    zo = cfg.setdefault("zero_optimization", {})
+    h2 = hidden_size * hidden_size
+    for key, value in (("reduce_bucket_size", h2), ("allgather_bucket_size", h2),
+                       ("stage3_prefetch_bucket_size", int(0.9 * h2)),
+                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+        if zo.get(key) == "auto":
+            zo[key] = value
+    if offloads_optimizer(cfg):
+        # A client torch optimizer steps the offloaded fp32 partitions on the CPU.
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    leftover = [k for k, v in _walk(cfg) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"{src}: cannot resolve \"auto\" for {', '.join(leftover)}")
+    return cfg
+
+
+def _walk(d: Dict[str, Any], prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def cosine_schedule(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = int(math.ceil(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over positions whose label is not -100 (fp32)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+class Engine:
+    """Owns one ``deepspeed.initialize`` for one stage."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: Dict[str, Any], *, lr: float, betas, weight_decay: float,
+                 total_steps: int, warmup_ratio: float):
+        import deepspeed
+
+        self.ds_config = ds_config
+        params = [p for p in model.parameters() if p.requires_grad]
+        fused = torch.cuda.is_available() and not offloads_optimizer(ds_config)
+        opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                **({"fused": True} if fused else {}))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total_steps, warmup_ratio))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+        self.zero_stage = zero_stage(ds_config)
+        self.device = self.engine.device
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def logits(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.engine(input_ids=batch["input_ids"].to(self.device),
+                          attention_mask=batch["attention_mask"].to(self.device), use_cache=False)
+        return out.logits
+
+    def micro_step(self, batch: Dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        """Forward + backward of one micro-batch; the loss is the token-loss sum times ``scale``.
+
+        Returns the unscaled token-loss sum (detached, on device).
+        """
+        self.engine.train()
+        loss_sum = token_loss_sum(self.logits(batch), batch["labels"].to(self.device))
+        self.engine.backward(loss_sum * scale)
+        return loss_sum.detach()
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def eval(self):
+        self.engine.eval()
+
+    # ------------------------------------------------------------------ saving
+    def gather_state_dict(self, keep: Callable[[str, torch.nn.Parameter], bool], dtype: torch.dtype
+                          ) -> Optional[Dict[str, torch.Tensor]]:
+        """Full tensors of the kept parameters on rank 0 (every rank must call this under ZeRO-3)."""
+        import deepspeed
+
+        sd: Dict[str, torch.Tensor] = {}
+        main = dist.is_main()
+        for mod_name, mod in self.module.named_modules():
+            local = [(n, p) for n, p in mod.named_parameters(recurse=False) if keep(f"{mod_name}.{n}".lstrip("."), p)]
+            if not local:
+                continue
+            params = [p for _, p in local]
+            ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.zero_stage == 3 \
+                else _nullcontext()
+            with ctx:
+                if main:
+                    for n, p in local:
+                        sd[f"{mod_name}.{n}".lstrip(".")] = p.detach().to("cpu", dtype).clone()
+        return sd if main else None
+
+    def save_full(self, out_dir: str, tokenizer, dtype: torch.dtype) -> None:
+        """The whole model as a safetensors Hugging Face directory (written by rank 0)."""
+        sd = self.gather_state_dict(lambda n, p: True, dtype)
+        if dist.is_main():
+            model = self.module
+            model.config.dtype = dtype
+            atomic_save(out_dir, lambda tmp: (model.save_pretrained(tmp, state_dict=sd, safe_serialization=True),
+                                              tokenizer.save_pretrained(tmp)))
+        dist.barrier()
+
+    def save_adapter(self, out_dir: str, tokenizer, dtype: torch.dtype = torch.float32) -> None:
+        """The trained PEFT adapter (gathered from every rank under ZeRO-3), written by rank 0."""
+        sd = self.gather_state_dict(lambda n, p: "lora_" in n, dtype)
+        if dist.is_main():
+            if not sd or any(t.numel() == 0 for t in sd.values()):
+                raise RuntimeError("gathered LoRA state dict is empty: refusing to save an empty adapter")
+            atomic_save(out_dir, lambda tmp: (self.module.save_pretrained(tmp, state_dict=sd, safe_serialization=True),
+                                              tokenizer.save_pretrained(tmp)))
+        dist.barrier()
+
+    def close(self) -> None:
+        self.engine.destroy() if hasattr(self.engine, "destroy") else None
+        del self.engine, self.optimizer, self.scheduler
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def atomic_save(out_dir: str, write: Callable[[str], Any]) -> None:
+    """Write into a temporary sibling directory, then rename it into place."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)

@@ -1,0 +1,278 @@
+"""One training stage on DeepSpeed: data -> engine -> steps -> stopping rule -> save.
+
+Every rank runs this function; only rank 0 writes shared files. Outputs of stage k of a variant live
+in ``<output_dir>/<variant>/stage<k>/``:
+
+- ``config.json``      the resolved stage config, ds_config and fingerprint
+- ``train_log.jsonl``  one line per logged step (loss, lr, tokens) and per epoch (accuracies)
+- ``model/``           full fine-tuning: the whole model (safetensors HF directory)
+- ``adapter/``         LoRA: the PEFT adapter; ``merged/`` the adapter merged into the base
+- ``DONE.json``        written last: the fingerprint and the training summary
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from . import dist
+from .config import Recipe, StageSpec, Variant, stage_hash
+from .data import dataset_examples, is_factoid, stage_train_set
+from .data.formatting import Encoded, collate, encode_examples, pad_id_of
+from .engine import (Engine, load_ds_config, resolve_ds_config, resolve_precision, torch_dtype,
+                     write_json_atomic)
+from .errors import ConfigError
+from .evaluate import teacher_forced_accuracy
+from .model import load_for_training, load_tokenizer, merge_adapter, release_zero3
+from .tiny import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ paths and fingerprints
+
+def stage_dir(recipe: Recipe, variant: Variant, k: int) -> Path:
+    return Path(recipe.output_dir) / variant.name / f"stage{k}"
+
+
+def output_model(recipe: Recipe, variant: Variant, k: int) -> str:
+    """The model that stage k hands on (to stage k+1 and to evaluation)."""
+    d = stage_dir(recipe, variant, k)
+    return str(d / ("model" if variant.stages[k - 1].finetune == "full" else "merged"))
+
+
+def input_model(recipe: Recipe, variant: Variant, k: int) -> str:
+    if k == 1:
+        return resolve_model_path(recipe.model, recipe.tiny)
+    return output_model(recipe, variant, k - 1)
+
+
+def fingerprint(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
+    """Everything that determines stage k's output (including all earlier stages)."""
+    import dataclasses
+
+    spec = variant.stages[k - 1]
+    fp = {"stage": dataclasses.asdict(spec), "data": dataclasses.asdict(recipe.datasets[spec.data]),
+          "seed": recipe.seed, "precision": recipe.precision, "max_seq_length": recipe.max_seq_length,
+          "ds_config": load_ds_config(spec.ds_config or recipe.ds_config)}
+    if k == 1:
+        fp["model"] = recipe.model
+        if recipe.model == "tiny":
+            fp["tiny"] = dataclasses.asdict(recipe.tiny)
+    else:
+        fp["previous"] = fingerprint(recipe, variant, k - 1)
+    return fp
+
+
+def read_done(d: Path) -> Optional[Dict[str, Any]]:
+    try:
+        with open(d / "DONE.json") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(recipe: Recipe, variant: Variant, k: int) -> bool:
+    done = read_done(stage_dir(recipe, variant, k))
+    return bool(done) and done.get("hash") == stage_hash(fingerprint(recipe, variant, k)) \
+        and os.path.isdir(output_model(recipe, variant, k))
+
+
+# ------------------------------------------------------------------ batching
+
+def batch_plan(world: int, global_batch_size: int, micro_batch_size: Optional[int]):
+    micro = micro_batch_size or global_batch_size // world
+    if micro < 1 or global_batch_size % (micro * world):
+        raise ConfigError(f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
+                          f"{micro} x world size {world}; change global_batch_size or micro_batch_size")
+    return micro, global_batch_size // (micro * world)
+
+
+def split_global_batch(chunk: List[Encoded], slots: int) -> List[List[Encoded]]:
+    """Deal a global batch into `slots` micro-batches of near-equal size, grouped by length."""
+    chunk = sorted(chunk, key=lambda e: len(e.input_ids))
+    base, extra = divmod(len(chunk), slots)
+    out, start = [], 0
+    for j in range(slots):
+        n = base + (1 if j < extra else 0)
+        out.append(chunk[start:start + n])
+        start += n
+    return out
+
+
+def epoch_order(n: int, seed: int, k: int, epoch: int) -> List[int]:
+    """A fresh permutation per epoch, reproducible from (seed, stage, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + k * 10_007 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+# ------------------------------------------------------------------ the stage
+
+def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
+    spec: StageSpec = variant.stages[k - 1]
+    out = stage_dir(recipe, variant, k)
+    fp = fingerprint(recipe, variant, k)
+    h = stage_hash(fp)
+    world, rank = dist.world_size(), dist.rank()
+    micro, gas = batch_plan(world, spec.global_batch_size, spec.micro_batch_size)
+
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in ("DONE.json", "train_log.jsonl", "model", "adapter", "merged", "eval"):
+            p = out / stale
+            shutil.rmtree(p) if p.is_dir() else (p.unlink() if p.exists() else None)
+    dist.barrier()
+
+    base = input_model(recipe, variant, k)
+    tok = load_tokenizer(base)
+    pad = pad_id_of(tok)
+    data, train = stage_train_set(recipe, spec, k)
+    enc, dropped = encode_examples(tok, train, recipe.max_seq_length, what=f"{variant.name}/stage{k}")
+    if not enc:
+        raise ConfigError(f"{variant.name}/stage{k}: every example is longer than max_seq_length="
+                          f"{recipe.max_seq_length}")
+    factoid = is_factoid(recipe, spec.data)
+    own_eval = [e for e in enc if train[e.index].role == "train"] if factoid else []
+    if spec.stop == "accuracy" and not own_eval:
+        raise ConfigError(f"{variant.name}/stage{k}: stop: accuracy needs a factoid dataset; {spec.data!r} is not")
+    tracked: Dict[str, List[Encoded]] = {}
+    if spec.track:
+        for j in range(1, k + 1):
+            key = variant.stages[j - 1].data
+            if key not in tracked and is_factoid(recipe, key):
+                tracked[key] = own_eval if j == k and key == spec.data else \
+                    encode_examples(tok, dataset_examples(recipe, key), 10 ** 9)[0]
+
+    precision = resolve_precision(recipe.precision)
+    dtype = torch_dtype(precision)
+    from transformers import AutoConfig
+    hidden = AutoConfig.from_pretrained(base).hidden_size
+    ds_cfg = resolve_ds_config(spec.ds_config or recipe.ds_config, global_batch_size=spec.global_batch_size,
+                               micro_batch_size=micro, grad_accum=gas, grad_clip=spec.grad_clip,
+                               precision=precision, hidden_size=hidden)
+    G = spec.global_batch_size
+    steps_per_epoch = math.ceil(len(enc) / G)
+    total_steps = steps_per_epoch * spec.epochs
+    n_mix = sum(1 for ex in train if ex.role == "mix")
+    if dist.is_main():
+        import dataclasses
+        write_json_atomic(str(out / "config.json"), {
+            "variant": variant.name, "stage": k, "hash": h, "base_model": base, "world_size": world,
+            "precision": precision, "micro_batch_size": micro, "gradient_accumulation_steps": gas,
+            "steps_per_epoch": steps_per_epoch, "spec": dataclasses.asdict(spec), "ds_config": ds_cfg,
+            "n_data": len(data), "n_mix": n_mix, "n_dropped": dropped})
+        log.info("%s/stage%d: %s on %s (%d examples + %d mixing, %d dropped), %s, %d steps/epoch, "
+                 "global batch %d = %d x %d x %d ranks", variant.name, k, spec.finetune, spec.data, len(data),
+                 n_mix, dropped, os.path.basename(spec.ds_config or recipe.ds_config), steps_per_epoch, G,
+                 micro, gas, world)
+
+    model, keep = load_for_training(base, spec.finetune, spec.lora, ds_cfg, dtype)
+    eng = Engine(model, ds_cfg, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
+                 total_steps=total_steps, warmup_ratio=spec.warmup_ratio)
+    log_f = open(out / "train_log.jsonl", "a") if dist.is_main() else None
+
+    def record(obj):
+        if log_f:
+            log_f.write(json.dumps(obj) + "\n")
+            log_f.flush()
+
+    t0 = time.time()
+    step, below, stopped_by, last_loss = 0, 0, "epochs", float("nan")
+    window_loss = torch.zeros((), dtype=torch.float64, device=eng.device)
+    window_tokens = 0
+    accs: Dict[str, float] = {}
+    log_every = 1 if spec.stop == "loss" else spec.log_every
+    epochs_run = 0
+    bar = tqdm(total=total_steps, desc=f"{variant.name}/stage{k}", disable=not dist.is_main(), dynamic_ncols=True)
+    for epoch in range(spec.epochs):
+        order = epoch_order(len(enc), recipe.seed, k, epoch)
+        for s in range(steps_per_epoch):
+            chunk = [enc[i] for i in order[s * G:(s + 1) * G]]
+            n_tok = sum(e.num_answer_tokens for e in chunk)
+            slots = split_global_batch(chunk, world * gas)
+            scale = world * gas / n_tok
+            for a in range(gas):
+                mb = slots[a * world + rank]
+                if mb:
+                    window_loss += eng.micro_step(collate(mb, pad), scale)
+                else:  # a short last batch: this rank still takes part in the collectives
+                    eng.micro_step(collate(chunk[:1], pad), 0.0)
+                eng.step()
+            step += 1
+            window_tokens += n_tok
+            bar.update(1)
+            if step % log_every == 0 or s == steps_per_epoch - 1:
+                total = dist.all_reduce_sum(window_loss.clone())
+                last_loss = float(total) / max(1, window_tokens)
+                window_loss.zero_()
+                window_tokens = 0
+                record({"step": step, "epoch": epoch + (s + 1) / steps_per_epoch, "loss": last_loss,
+                        "lr": eng.lr(), "time": round(time.time() - t0, 3)})
+                bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{eng.lr():.2g}")
+                if spec.stop == "loss":
+                    below = below + 1 if last_loss < spec.loss_threshold else 0
+                    if below >= spec.loss_patience:
+                        stopped_by = "loss"
+                        break
+        epochs_run = epoch + 1
+        if tracked:
+            eng.eval()
+            accs = {key: teacher_forced_accuracy(eng.logits, e, max(micro, 16), pad) for key, e in tracked.items()}
+            record({"epoch": epochs_run, "step": step, "teacher_forced_accuracy": accs,
+                    "time": round(time.time() - t0, 3)})
+            if dist.is_main():
+                bar.write(f"{variant.name}/stage{k} epoch {epochs_run}: loss {last_loss:.4g}, "
+                          + ", ".join(f"acc[{key}] {v:.3f}" for key, v in accs.items()))
+        if stopped_by == "loss":
+            break
+        if spec.stop == "accuracy":
+            acc = accs.get(spec.data)
+            if acc is None:
+                eng.eval()
+                acc = teacher_forced_accuracy(eng.logits, own_eval, max(micro, 16), pad)
+            if acc >= 1.0:
+                stopped_by = "accuracy"
+                break
+    bar.close()
+    train_seconds = time.time() - t0
+    if spec.stop == "accuracy" and stopped_by != "accuracy" and dist.is_main():
+        log.warning("%s/stage%d: accuracy stop not reached in %d epochs (last accuracy %.3f); "
+                    "raise epochs or lr", variant.name, k, spec.epochs, accs.get(spec.data, float("nan")))
+
+    save_dtype = dtype if spec.save_dtype == "auto" else torch_dtype(spec.save_dtype)
+    if spec.probe:
+        eng.eval()
+        probe = collate(own_eval[:8] or enc[:8], pad)
+        with torch.no_grad():
+            logits = eng.logits(probe).float().cpu()
+        if dist.is_main():
+            torch.save({"batch": probe, "logits": logits}, out / "probe_logits.pt")
+    if spec.finetune == "full":
+        eng.save_full(str(out / "model"), tok, save_dtype)
+    else:
+        eng.save_adapter(str(out / "adapter"), tok)
+    eng.close()
+    del model, eng
+    release_zero3(keep)
+    if spec.finetune != "full":
+        if dist.is_main():
+            merge_adapter(base, str(out / "adapter"), str(out / "merged"), dtype=save_dtype)
+        dist.barrier()
+
+    summary = {"variant": variant.name, "stage": k, "finetune": spec.finetune, "epochs": epochs_run,
+               "steps": step, "stopped_by": stopped_by, "final_loss": last_loss, "train_seconds": round(train_seconds, 2),
+               "teacher_forced_accuracy": accs, "n_data": len(data), "n_mix": n_mix, "n_dropped": dropped}
+    if dist.is_main():
+        if log_f:
+            log_f.close()
+        write_json_atomic(str(out / "DONE.json"), {"hash": h, "summary": summary})
+    dist.barrier()
+    return summary
