@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -114,6 +115,27 @@ def epoch_order(n: int, seed: int, k: int, epoch: int) -> List[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: int, pad: int) -> torch.Tensor:
+    """One optimizer step on one global batch (every rank passes the same `chunk`).
+
+    The loss is the mean over all answer tokens of the global batch: each micro-batch's token-loss
+    sum is scaled by world*gas/N, which DeepSpeed's 1/gas scaling and data-parallel averaging turn into
+    sum/N exactly. Returns this rank's unscaled token-loss sum (detached, on device).
+    """
+    n_tok = sum(e.num_answer_tokens for e in chunk)
+    slots = split_global_batch(chunk, world * gas)
+    scale = world * gas / n_tok
+    local = torch.zeros((), dtype=torch.float64, device=eng.device)
+    for a in range(gas):
+        mb = slots[a * world + rank]
+        if mb:
+            local += eng.micro_step(collate(mb, pad), scale)
+        else:  # a short last batch: this rank still takes part in the collectives
+            eng.micro_step(collate(chunk[:1], pad), 0.0)
+        eng.step()
+    return local
+
+
 # ------------------------------------------------------------------ the stage
 
 def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
@@ -191,23 +213,15 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     accs: Dict[str, float] = {}
     log_every = 1 if spec.stop == "loss" else spec.log_every
     epochs_run = 0
-    bar = tqdm(total=total_steps, desc=f"{variant.name}/stage{k}", disable=not dist.is_main(), dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc=f"{variant.name}/stage{k}", disable=not dist.is_main(), dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
     for epoch in range(spec.epochs):
         order = epoch_order(len(enc), recipe.seed, k, epoch)
         for s in range(steps_per_epoch):
             chunk = [enc[i] for i in order[s * G:(s + 1) * G]]
-            n_tok = sum(e.num_answer_tokens for e in chunk)
-            slots = split_global_batch(chunk, world * gas)
-            scale = world * gas / n_tok
-            for a in range(gas):
-                mb = slots[a * world + rank]
-                if mb:
-                    window_loss += eng.micro_step(collate(mb, pad), scale)
-                else:  # a short last batch: this rank still takes part in the collectives
-                    eng.micro_step(collate(chunk[:1], pad), 0.0)
-                eng.step()
+            window_loss += global_step(eng, chunk, world, gas, rank, pad)
             step += 1
-            window_tokens += n_tok
+            window_tokens += sum(e.num_answer_tokens for e in chunk)
             bar.update(1)
             if step % log_every == 0 or s == steps_per_epoch - 1:
                 total = dist.all_reduce_sum(window_loss.clone())

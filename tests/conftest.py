@@ -1,0 +1,37 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """Tests build the tiny model once per session, in a fresh cache (never a developer's)."""
+    if not os.environ.get("REMIX_DS_TEST_KEEP_CACHE"):
+        os.environ["REMIX_DS_CACHE"] = str(tmp_path_factory.mktemp("remix_cache"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(_cache):
+    from remix_ds.tiny import build_tiny
+    return build_tiny()
+
+
+def run_cli(args, cwd=None, timeout=900, env=None):
+    """Run a launch/ script or the deepspeed launcher; returns CompletedProcess (text)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    return subprocess.run(args, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

@@ -1,0 +1,117 @@
+"""Bad input fails before training, with one message naming the file, line or key."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli, write_recipe
+from remix_ds.config import DEMO_RECIPE, load_recipe, recipe_from_dict
+from remix_ds.errors import ConfigError, DataError
+
+BASE = """
+name: t
+output_dir: {out}
+model: tiny
+datasets:
+  A: {{source: kvr, num_examples: 10}}
+  B: {{source: kvrB, num_examples: 10}}
+stage1: {{data: A, finetune: full, epochs: 1, global_batch_size: 10}}
+stage2: {{data: B, finetune: lora, epochs: 1, global_batch_size: 10}}
+variants:
+  - name: v
+"""
+
+
+def base_dict(tmp_path):
+    import yaml
+    return yaml.safe_load(BASE.format(out=tmp_path / "run"))
+
+
+def test_demo_recipe_is_valid():
+    r = load_recipe(DEMO_RECIPE)
+    assert r.num_stages == 2 and len(r.variants) == 4
+    modes = {(v.stages[0].finetune, v.stages[0].mix is not None) for v in r.variants}
+    assert modes == {("full", False), ("full", True), ("lora", False), ("lora", True)}
+
+
+def test_variant_overrides_merge_into_stage_defaults(tmp_path):
+    d = base_dict(tmp_path)
+    d["variants"] = [{"name": "x", "stage1": {"lr": 0.5, "lora": {"r": 8}}}]
+    r = recipe_from_dict(d)
+    s1 = r.variants[0].stages[0]
+    assert s1.lr == 0.5 and s1.lora.r == 8 and s1.lora.alpha == 128 and s1.finetune == "full"
+
+
+def test_cli_overrides(tmp_path):
+    p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
+    r = load_recipe(str(p), ["stage1.epochs=7", "ds_config=zero3", "variants.0.stage2.lr=0.01"])
+    assert r.variants[0].stages[0].epochs == 7 and r.ds_config == "zero3"
+    assert r.variants[0].stages[1].lr == 0.01
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d.update(bogus=1), "unknown key 'bogus'"),
+    (lambda d: d["stage1"].update(learning_rate=1), "stage1: unknown key 'learning_rate'"),
+    (lambda d: d["stage1"].update(lora={"rank": 4}), "stage1.lora: unknown key 'rank'"),
+    (lambda d: d["variants"][0].update(stage3={}), "unknown key 'stage3'"),
+    (lambda d: d["stage1"].update(finetune="adapter"), "finetune must be one of"),
+    (lambda d: d["stage1"].update(data="C"), "data 'C' is not a dataset"),
+    (lambda d: d["stage1"].update(mix={"ratio": -0.5}), "mix.ratio must be >= 0"),
+    (lambda d: d["stage1"].update(epochs="many"), "stage1.epochs: expected an integer"),
+    (lambda d: d.pop("stage1"), "stage1 is missing"),
+])
+def test_bad_recipes_name_the_key(tmp_path, mutate, needle):
+    d = base_dict(tmp_path)
+    mutate(d)
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict(d, where="r.yaml")
+    assert needle in str(e.value)
+
+
+def test_bad_override_and_yaml(tmp_path):
+    p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_recipe(str(p), ["stage1.epochs"])
+    bad = write_recipe(tmp_path / "bad.yaml", "name: t\nstage1: {data: A\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_recipe(str(bad))
+
+
+def test_local_dataset_errors_name_file_and_line(tmp_path):
+    from remix_ds.config import DatasetSpec
+    from remix_ds.data.sources import load_examples
+
+    f = tmp_path / "facts.jsonl"
+    f.write_text('{"prompt": "a?", "answer": "1"}\n{"prompt": "b?", "answer": \n')
+    with pytest.raises(DataError, match=r"facts.jsonl:2: malformed JSON line"):
+        load_examples(DatasetSpec(source="json", path=str(f)), 0)
+    f.write_text('{"prompt": "a?", "answer": "1"}\n{"prompt": "b?"}\n')
+    with pytest.raises(DataError, match=r"facts.jsonl: row 2: missing required field 'answer'"):
+        load_examples(DatasetSpec(source="json", path=str(f)), 0)
+    with pytest.raises(DataError, match="dataset file not found"):
+        load_examples(DatasetSpec(source="json", path=str(tmp_path / "nope.jsonl")), 0)
+    f.write_text('{"prompt": "The value of key a is?", "answer": "1"}\n'
+                 '{"prompt": "The value of key a is?", "answer": "2"}\n')
+    with pytest.raises(DataError, match="row 2: duplicate KVR key"):
+        load_examples(DatasetSpec(source="kvr", path=str(f)), 0)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("bogus_key=1", "unknown key 'bogus_key'"),
+    ("ds_config=zero9", "unknown ZeRO config"),
+    ("datasets.A.source=json", "needs a path"),
+    ("datasets.A={source: json, path: MISSING.jsonl}", "dataset file not found"),
+    ("stage1.global_batch_size=7", "not a multiple"),
+    ("stage1.micro_batch_size=3", "not a multiple"),
+    ("datasets.B.source=nosuch", "unknown source 'nosuch'"),
+])
+def test_cli_refuses_bad_input_before_training(tmp_path, override, needle):
+    out = tmp_path / "run"
+    p = write_recipe(tmp_path / "r.yaml", BASE.format(out=out))
+    res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(p), override], timeout=300)
+    assert res.returncode != 0
+    assert needle in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not any(out.rglob("DONE.json")) and not (out / "report.json").exists()
