@@ -65,6 +65,15 @@ class MixSpec:
     target_words: int = 50        # ... the next M words the target
     seed: Optional[int] = None    # defaults to the recipe seed
     path: Optional[str] = None    # local file for text sources
+    # generic text sources (knowledge-pile, fineweb, arxiv-pile): where and how much to read (docs/datasets.md)
+    name: Optional[str] = None    # hub id (default: the source's own, see docs/datasets.md)
+    config: Optional[str] = None  # hub config name
+    split: Optional[str] = None   # hub split (default: the source's own)
+    revision: Optional[str] = None
+    streaming: Optional[bool] = None
+    pool: Optional[int] = None    # read only the first `pool` documents (default 20000, as in the study)
+    text_field: Optional[str] = None  # text column (default: text, else content)
+    data: Optional[str] = None    # replay: the recipe dataset to replay (default: stage 1's dataset, D_A)
 
 
 @dataclass
@@ -72,7 +81,17 @@ class DatasetSpec:
     source: str
     num_examples: int = 2000
     seed: Optional[int] = None    # defaults to the recipe seed
-    path: Optional[str] = None    # local JSON / JSONL file in place of the generator or hub
+    path: Optional[str] = None    # local .json/.jsonl/.parquet file or directory in place of the generator or hub
+    name: Optional[str] = None    # hub id (default: the source's own, see docs/datasets.md)
+    config: Optional[str] = None  # hub config name (e.g. rc.nocontext for TriviaQA, main for GSM8K)
+    split: Optional[str] = None   # split (hub, save_to_disk or EntityQuestions directory); "train+test" works
+    revision: Optional[str] = None  # hub revision (e.g. refs/convert/parquet)
+    streaming: Optional[bool] = None  # hub streaming (default: on for the very large sources)
+    pool: Optional[int] = None    # read only the first `pool` rows before shuffling (UltraChat: 20000)
+    skip: Optional[int] = None    # shuffled examples to skip before taking num_examples (...B sources: num_examples)
+    shuffle: bool = True          # false: keep file order (the released files' order, as the study did)
+    format: str = "auto"          # auto | native (the source's own row schema) | released | simple (prompt/answer)
+    factoid: Optional[bool] = None  # override whether the set is scored by exact match (json source)
 
 
 @dataclass

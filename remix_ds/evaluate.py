@@ -1,15 +1,28 @@
-"""Scoring a model on a factoid set: greedy generation + exact match, and teacher-forced exact match.
+"""Scoring a model on a factoid set: greedy generation, or teacher-forced exact match.
 
-Under the ``deepspeed`` launcher the examples are split across ranks (rank r takes r, r+W, ...)
-and the predictions are gathered on every rank; rank 0 writes ``predictions.jsonl`` and metrics.
+Two scorers, chosen by ``eval.scorer`` in a recipe (``--scorer`` for ``launch/eval.py``):
+
+- ``generate`` (the default for final evaluation and the report, the study's metric): greedy
+  decoding, then the answer rules of ``remix_ds.metrics`` (exact match after strip + lower-case,
+  WebQuestions containment, alias-aware exact match, ROUGE-L, GSM8K / MATH final answers).
+- ``teacher-forced``: one forward pass with the gold answer fed in; an example is right iff the argmax
+  at every answer position and at the EOS position is the gold token. Greedy decoding produces exactly
+  the gold answer tokens followed by EOS iff this holds (``tests/test_evaluate.py`` checks it on a
+  trained model), so this is greedy exact *token* match at the cost of one forward pass. It is what
+  training uses after every epoch (stopping, per-epoch curves).
+
+Under the ``deepspeed`` launcher the examples are split across ranks (rank r takes r, r+W, ...) and
+the results are gathered on every rank; rank 0 writes ``<name>.predictions.jsonl`` (prompt, gold,
+prediction, correct, ...) and ``<name>.json`` (the metrics). Batches are grouped by length.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -18,112 +31,196 @@ from . import dist
 from .data.example import Example
 from .data.formatting import IGNORE, Encoded, collate, collate_prompts, encode_example, pad_id_of, prompt_ids
 from .engine import write_json_atomic
+from .errors import ConfigError
+from .metrics import aggregate, alias_match, exact_match, is_task_source, normalize, score_example  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-
-def normalize(text: str) -> str:
-    """The study's normalisation: strip surrounding whitespace, lower-case."""
-    return text.strip().lower()
-
-
-def exact_match(prediction: str, gold: str) -> bool:
-    return normalize(prediction) == normalize(gold)
+SCORERS = ("generate", "teacher-forced")
+# Bump when what an evaluation computes changes: cached eval/<key>.json files of older versions are redone.
+METRICS_VERSION = 2
 
 
-def alias_match(prediction: str, golds: Sequence[str]) -> bool:
-    return any(exact_match(prediction, g) for g in golds)
+def check_scorer(scorer: str, where: str = "eval.scorer") -> str:
+    if scorer not in SCORERS:
+        raise ConfigError(f"{where}: must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    return scorer
 
 
 def default_max_new_tokens(tokenizer, examples: Sequence[Example]) -> int:
     return max(len(tokenizer.encode(ex.answer, add_special_tokens=False)) for ex in examples) + 4
 
 
+# ------------------------------------------------------------------ ZeRO-3 awareness
+
+def is_partitioned(model) -> bool:
+    """True for a model whose parameters are ZeRO-3 partitioned (``zero.Init`` / a ZeRO-3 engine)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _gather_once_fits(model, device: torch.device) -> bool:
+    """Whether the whole model, gathered, fits in 80% of the free memory of this device."""
+    if device.type != "cuda":
+        return True
+    need = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    return need < 0.8 * free
+
+
+# ------------------------------------------------------------------ generation
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int,
-             device: torch.device, progress: bool = False) -> List[str]:
-    """Greedy continuations of the prompts, batched with left padding, longest prompts first."""
+def generate_token_ids(model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int,
+                       device: torch.device, progress: bool = False, n_batches: Optional[int] = None
+                       ) -> List[List[int]]:
+    """Greedy continuations (token ids, cut after the first EOS, which is kept).
+
+    Batched with left padding, longest prompts first. ``n_batches``: run exactly this many ``generate``
+    calls (dummy ones when this rank has no prompts left), for ranks that must stay in step.
+    """
     pad = pad_id_of(tokenizer)
+    eos = tokenizer.eos_token_id
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out: List[Optional[str]] = [None] * len(ids)
-    bar = tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False)
-    for start in bar:
-        chunk = order[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate_prompts([ids[i] for i in chunk], pad).items()}
+    starts = list(range(0, len(order), batch_size))
+    if n_batches is not None:
+        starts += [None] * (n_batches - len(starts))
+    partitioned = is_partitioned(model)
+    out: List[Optional[List[int]]] = [None] * len(ids)
+    for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
+        chunk = order[start:start + batch_size] if start is not None else []
+        rows = [ids[i] for i in chunk] or [prompt_ids(tokenizer, "")]
+        batch = {k: v.to(device) for k, v in collate_prompts(rows, pad).items()}
         gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True)
-        new = gen[:, batch["input_ids"].shape[1]:]
+                             pad_token_id=pad, eos_token_id=eos, use_cache=True,
+                             **({"synced_gpus": True} if partitioned else {}))
+        new = gen[:, batch["input_ids"].shape[1]:].tolist()
         for i, row in zip(chunk, new):
-            out[i] = tokenizer.decode(row, skip_special_tokens=True)
+            if eos in row:
+                row = row[:row.index(eos) + 1]
+            out[i] = row
     return out  # type: ignore[return-value]
 
 
-def score_predictions(examples: Sequence[Example], predictions: Sequence[str]) -> Dict[str, object]:
-    correct = [exact_match(p, ex.answer) for ex, p in zip(examples, predictions)]
-    alias = [alias_match(p, [ex.answer] + list(ex.aliases)) for ex, p in zip(examples, predictions)]
-    n = len(examples)
-    return {"n": n, "exact_match": sum(correct) / n if n else 0.0, "alias_exact_match": sum(alias) / n if n else 0.0,
-            "correct": correct}
+def generate(model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_tokens: int,
+             device: torch.device, progress: bool = False, n_batches: Optional[int] = None) -> List[str]:
+    """Greedy continuations of the prompts as text (special tokens dropped)."""
+    rows = generate_token_ids(model, tokenizer, prompts, batch_size, max_new_tokens, device, progress, n_batches)
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+
+
+def score_predictions(examples: Sequence[Example], predictions: Sequence[str], rouge: bool = True
+                      ) -> Dict[str, object]:
+    """Dataset metrics (see ``metrics.aggregate``) plus ``rows``: per-example scores."""
+    rows = [score_example(p, ex.answer, ex.aliases, ex.source, rouge=rouge) for ex, p in zip(examples, predictions)]
+    scores = aggregate(rows, [ex.source for ex in examples])
+    scores["rows"] = rows
+    scores["correct"] = [bool(r["correct"]) for r in rows]
+    return scores
+
+
+def _write_outputs(out_dir: str, name: str, examples: Sequence[Example], predictions: Sequence[str],
+                   rows: Sequence[Dict[str, object]], metrics: Dict[str, object]) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f"{name}.predictions.jsonl.tmp")
+    with open(tmp, "w") as f:
+        for ex, p, r in zip(examples, predictions, rows):
+            rec = {"prompt": ex.prompt, "gold": ex.answer, "prediction": p}
+            if ex.aliases:
+                rec["aliases"] = list(ex.aliases)
+            rec.update(r)
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, os.path.join(out_dir, f"{name}.predictions.jsonl"))
+    write_json_atomic(os.path.join(out_dir, f"{name}.json"), metrics)
 
 
 def evaluate_generation(model, tokenizer, examples: Sequence[Example], *, batch_size: int,
                         max_new_tokens: Optional[int], device: torch.device, out_dir: Optional[str] = None,
                         name: str = "eval") -> Dict[str, object]:
-    """Greedy-generation exact match over all ranks; returns the metrics on every rank."""
+    """Greedy generation scored by the answer rules, over all ranks; returns the metrics on every rank.
+
+    A ZeRO-3 partitioned model is gathered once for the whole evaluation where it fits on the device;
+    otherwise every rank runs the same number of ``generate`` calls with ``synced_gpus``.
+    """
     t0 = time.time()
     max_new = max_new_tokens or default_max_new_tokens(tokenizer, examples)
     r, w = dist.rank(), dist.world_size()
     mine = list(range(r, len(examples), w))
-    preds = generate(model, tokenizer, [examples[i].prompt for i in mine], batch_size, max_new, device,
-                     progress=dist.is_main())
+    n_batches = None
+    ctx = contextlib.nullcontext()
+    if is_partitioned(model):
+        import deepspeed
+        if dist.broadcast_object(_gather_once_fits(model, device)):  # the same choice on every rank
+            ctx = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        n_batches = (len(examples) + w * batch_size - 1) // (w * batch_size)
+    with ctx:
+        gathered_params = not isinstance(ctx, contextlib.nullcontext)
+        token_rows = generate_token_ids(model, tokenizer, [examples[i].prompt for i in mine], batch_size, max_new,
+                                        device, progress=dist.is_main(),
+                                        n_batches=n_batches if not gathered_params else None)
+    preds = [tokenizer.decode(t, skip_special_tokens=True) for t in token_rows]
     gathered = dist.all_gather_object(list(zip(mine, preds)))
     predictions = [""] * len(examples)
     for part in gathered:
         for i, p in part:
             predictions[i] = p
     scores = score_predictions(examples, predictions)
-    metrics = {"name": name, "n": scores["n"], "exact_match": scores["exact_match"],
-               "alias_exact_match": scores["alias_exact_match"], "scorer": "generate",
-               "max_new_tokens": max_new, "seconds": round(time.time() - t0, 3)}
+    metrics = {"name": name, "scorer": "generate", "metrics_version": METRICS_VERSION}
+    metrics.update({k: v for k, v in scores.items() if k not in ("rows", "correct")})
+    metrics.update({"max_new_tokens": max_new, "seconds": round(time.time() - t0, 3)})
     if out_dir and dist.is_main():
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = os.path.join(out_dir, f"{name}.predictions.jsonl.tmp")
-        with open(tmp, "w") as f:
-            for ex, p, c in zip(examples, predictions, scores["correct"]):
-                f.write(json.dumps({"prompt": ex.prompt, "gold": ex.answer, "prediction": p, "correct": c}) + "\n")
-        os.replace(tmp, os.path.join(out_dir, f"{name}.predictions.jsonl"))
-        write_json_atomic(os.path.join(out_dir, f"{name}.json"), metrics)
+        _write_outputs(out_dir, name, examples, predictions, scores["rows"], metrics)
     return metrics
 
 
-@torch.no_grad()
-def teacher_forced_correct(logits_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
-                           encoded: Sequence[Encoded], batch_size: int, pad_id: int) -> torch.Tensor:
-    """Per-example exact match with the gold answer fed in: every answer position's argmax is gold.
+# ------------------------------------------------------------------ teacher-forced
 
-    Greedy decoding yields exactly the gold answer and EOS iff this holds. Collective-safe: every
-    rank runs the same number of forward passes (ZeRO-3 gathers parameters inside each).
-    Returns a bool tensor over this rank's share (examples rank, rank+W, ...).
+@torch.no_grad()
+def teacher_forced_scores(logits_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
+                          encoded: Sequence[Encoded], batch_size: int, pad_id: int
+                          ) -> List[Tuple[int, bool, List[int]]]:
+    """This rank's share of ``encoded`` (positions rank, rank+W, ...), teacher-forced.
+
+    Returns (position in ``encoded``, correct, greedy answer prefix) per example, in share order.
+    ``correct``: the argmax at every answer position (answer tokens and EOS) is the gold token. The
+    prefix is the gold answer up to the first wrong position plus the argmax there: exactly the first
+    tokens greedy decoding produces (the whole gold answer + EOS when correct).
+
+    Collective-safe: every rank runs the same number of forward passes (ZeRO-3 gathers parameters
+    inside each), with a dummy batch where its share has run out. Batches are grouped by length.
     """
     r, w = dist.rank(), dist.world_size()
-    mine = [encoded[i] for i in range(r, len(encoded), w)]
+    share = list(range(r, len(encoded), w))
     n_batches = (len(encoded) + w * batch_size - 1) // (w * batch_size)
-    mine.sort(key=lambda e: len(e.input_ids))
-    result = []
+    by_len = sorted(share, key=lambda i: len(encoded[i].input_ids))
+    found: Dict[int, Tuple[bool, List[int]]] = {}
     for b in range(n_batches):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
-        real = len(chunk)
-        if not chunk:
-            chunk = [encoded[0]]  # keep collectives in step; the result is discarded
-        batch = collate(chunk, pad_id)
+        chunk = by_len[b * batch_size:(b + 1) * batch_size]
+        batch = collate([encoded[i] for i in chunk] or [encoded[0]], pad_id)  # a dummy keeps collectives in step
         logits = logits_fn(batch)
         labels = batch["labels"].to(logits.device)
         pred = logits[:, :-1].argmax(-1)
         gold = labels[:, 1:]
-        ok = ((pred == gold) | (gold == IGNORE)).all(dim=1)
-        result.append(ok[:real].cpu())
-    return torch.cat(result) if result else torch.zeros(0, dtype=torch.bool)
+        answer = gold != IGNORE
+        ok = ((pred == gold) | ~answer).all(dim=1)
+        pred_c, gold_c, ans_c, ok_c = pred.cpu(), gold.cpu(), answer.cpu(), ok.cpu()
+        for row, i in enumerate(chunk):
+            g = gold_c[row][ans_c[row]].tolist()
+            p = pred_c[row][ans_c[row]].tolist()
+            first_wrong = next((t for t, (a, b_) in enumerate(zip(p, g)) if a != b_), len(g))
+            prefix = g[:first_wrong] + ([p[first_wrong]] if first_wrong < len(g) else [])
+            found[i] = (bool(ok_c[row]), prefix)
+    return [(i, found[i][0], found[i][1]) for i in share]
+
+
+def teacher_forced_correct(logits_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
+                           encoded: Sequence[Encoded], batch_size: int, pad_id: int) -> torch.Tensor:
+    """Per-example teacher-forced exact match over this rank's share (examples rank, rank+W, ...).
+
+    Greedy decoding yields exactly the gold answer and EOS iff this holds. Collective-safe.
+    """
+    res = teacher_forced_scores(logits_fn, encoded, batch_size, pad_id)
+    return torch.tensor([ok for _, ok, _ in res], dtype=torch.bool)
 
 
 def teacher_forced_accuracy(logits_fn, encoded: Sequence[Encoded], batch_size: int, pad_id: int) -> float:
@@ -135,3 +232,52 @@ def teacher_forced_accuracy(logits_fn, encoded: Sequence[Encoded], batch_size: i
 
 def encode_for_scoring(tokenizer, examples: Sequence[Example]) -> List[Encoded]:
     return [encode_example(tokenizer, ex, i) for i, ex in enumerate(examples)]
+
+
+def model_logits_fn(model, device: torch.device) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
+    def fn(batch):
+        return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                     use_cache=False).logits
+    return fn
+
+
+def evaluate_teacher_forced(model, tokenizer, examples: Sequence[Example], *, batch_size: int,
+                            device: torch.device, out_dir: Optional[str] = None, name: str = "eval"
+                            ) -> Dict[str, object]:
+    """Teacher-forced exact token match over all ranks; returns the metrics on every rank.
+
+    ``accuracy`` and ``exact_match`` are the share of examples whose greedy output would be exactly the
+    gold answer tokens + EOS. Containment, aliases and ROUGE-L need free-running predictions and are
+    not computed (None). ``predictions.jsonl`` holds the greedy output up to its first wrong token.
+    """
+    t0 = time.time()
+    model.eval()
+    enc = encode_for_scoring(tokenizer, examples)
+    res = teacher_forced_scores(model_logits_fn(model, device), enc, batch_size, pad_id_of(tokenizer))
+    mine = [(i, ok, tokenizer.decode(prefix, skip_special_tokens=True)) for i, ok, prefix in res]
+    correct = [False] * len(examples)
+    predictions = [""] * len(examples)
+    for part in dist.all_gather_object(mine):
+        for i, ok, p in part:
+            correct[i], predictions[i] = ok, p
+    n = len(examples)
+    acc = sum(correct) / n if n else 0.0
+    metrics = {"name": name, "scorer": "teacher-forced", "metrics_version": METRICS_VERSION, "n": n,
+               "accuracy": acc, "accuracy_metric": "teacher_forced_token_match", "exact_match": acc,
+               "alias_exact_match": None, "rouge_l": None, "seconds": round(time.time() - t0, 3)}
+    if out_dir and dist.is_main():
+        rows = [{"correct": c} for c in correct]
+        _write_outputs(out_dir, name, examples, predictions, rows, metrics)
+    return metrics
+
+
+def evaluate(model, tokenizer, examples: Sequence[Example], *, scorer: str = "generate", batch_size: int,
+             max_new_tokens: Optional[int] = None, device: torch.device, out_dir: Optional[str] = None,
+             name: str = "eval") -> Dict[str, object]:
+    """Score with the chosen scorer. GSM8K / MATH sets are always generated (their answers are free text)."""
+    check_scorer(scorer)
+    if scorer == "teacher-forced" and not any(is_task_source(ex.source) for ex in examples):
+        return evaluate_teacher_forced(model, tokenizer, examples, batch_size=batch_size, device=device,
+                                       out_dir=out_dir, name=name)
+    return evaluate_generation(model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               device=device, out_dir=out_dir, name=name)

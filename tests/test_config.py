@@ -103,7 +103,6 @@ def test_local_dataset_errors_name_file_and_line(tmp_path):
     ("ds_config=zero9", "unknown ZeRO config"),
     ("datasets.A.source=json", "needs a path"),
     ("datasets.A={source: json, path: MISSING.jsonl}", "dataset file not found"),
-    ("stage1.global_batch_size=7", "not a multiple"),
     ("stage1.micro_batch_size=3", "not a multiple"),
     ("datasets.B.source=nosuch", "unknown source 'nosuch'"),
 ])

@@ -3,6 +3,15 @@
 Each example becomes ``BOS <|user|>\\n{question}\\n<|assistant|>\\n{answer} EOS``. The prompt and the
 answer are tokenised separately, so the label boundary is exact for any tokenizer: labels are -100
 on BOS, the prompt and padding, and the token ids on the answer and its EOS.
+
+A conversation (``Example.messages``, e.g. UltraChat) becomes one BOS followed by
+``<|user|>\\n{q}\\n<|assistant|>\\n{a} EOS`` for every turn; every assistant turn and its EOS is trained,
+everything else is -100.
+
+Examples longer than ``max_seq_length``: factoid examples are dropped (a cut answer cannot be scored);
+non-factoid examples (instruction data, conversations, mixing passages) are truncated to
+``max_seq_length`` tokens, as instruction-tuning code does, and dropped only when no trained token is
+left inside the limit.
 """
 from __future__ import annotations
 
@@ -46,24 +55,40 @@ def answer_ids(tokenizer, answer: str) -> List[int]:
 
 
 def encode_example(tokenizer, ex: Example, index: int = 0) -> Encoded:
-    p = prompt_ids(tokenizer, ex.prompt)
-    a = answer_ids(tokenizer, ex.answer)
-    return Encoded(input_ids=p + a, labels=[IGNORE] * len(p) + a, index=index)
+    if not ex.messages:
+        p = prompt_ids(tokenizer, ex.prompt)
+        a = answer_ids(tokenizer, ex.answer)
+        return Encoded(input_ids=p + a, labels=[IGNORE] * len(p) + a, index=index)
+    ids = _bos(tokenizer)
+    labels = [IGNORE] * len(ids)
+    for user, assistant in ex.messages:
+        u = tokenizer.encode(render_prompt(user), add_special_tokens=False)
+        a = answer_ids(tokenizer, assistant)
+        ids += u + a
+        labels += [IGNORE] * len(u) + a
+    return Encoded(input_ids=ids, labels=labels, index=index)
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], max_seq_length: int,
                     what: str = "dataset") -> Tuple[List[Encoded], int]:
-    """Encode all examples, dropping (and logging) those longer than max_seq_length."""
-    out, dropped = [], 0
+    """Encode all examples; those longer than max_seq_length are dropped (factoids) or truncated
+    (non-factoid data, if a trained token remains). Returns (encoded, number dropped)."""
+    out, dropped, truncated = [], 0, 0
     for i, ex in enumerate(examples):
         enc = encode_example(tokenizer, ex, i)
         if len(enc.input_ids) > max_seq_length:
-            dropped += 1
-            continue
+            if ex.factoid or all(t == IGNORE for t in enc.labels[:max_seq_length]):
+                dropped += 1
+                continue
+            enc = Encoded(input_ids=enc.input_ids[:max_seq_length], labels=enc.labels[:max_seq_length], index=i)
+            truncated += 1
         out.append(enc)
     if dropped:
         log.warning("%s: dropped %d of %d examples longer than max_seq_length=%d",
                     what, dropped, len(examples), max_seq_length)
+    if truncated:
+        log.info("%s: truncated %d of %d non-factoid examples to max_seq_length=%d",
+                 what, truncated, len(examples), max_seq_length)
     return out, dropped
 
 

@@ -1,0 +1,97 @@
+"""End to end in one process (plain `python launch/pipeline.py`): memorization, report, resume-by-skip."""
+import json
+import os
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import run_cli, write_recipe
+
+RECIPE = """
+name: e2e
+output_dir: {out}
+model: tiny
+ds_config: zero2
+max_seq_length: 48
+datasets:
+  A: {{source: kvr, num_examples: 40}}
+  B: {{source: kvrB, num_examples: 40}}
+eval: {{batch_size: 40}}
+stage1: {{data: A, finetune: full, stop: accuracy, epochs: 120, lr: 3.0e-3, global_batch_size: 10}}
+stage2: {{data: B, finetune: full, stop: fixed, epochs: 2, lr: 2.0e-3, global_batch_size: 10}}
+variants:
+  - name: full
+  - name: lora
+    stage1: {{finetune: lora, stop: fixed, epochs: 3, lr: 5.0e-3, lora: {{r: 8, alpha: 16}},
+              mix: {{source: random-words, ratio: 0.5, prompt_words: 4, target_words: 4}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    out = tmp / "run"
+    recipe = write_recipe(tmp / "recipe.yaml", RECIPE.format(out=out))
+    res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe)])
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out, recipe, res
+
+
+def test_full_finetuning_memorizes_kvr(run):
+    out, _, _ = run
+    report = json.load(open(out / "report.json"))
+    full = next(v for v in report["variants"] if v["name"] == "full")
+    assert full["acc_A_after_stage1"] == 1.0
+    done = json.load(open(out / "full" / "stage1" / "DONE.json"))
+    assert done["summary"]["stopped_by"] == "accuracy"
+    assert done["summary"]["epochs"] < 120
+
+
+def test_report_schema(run):
+    out, _, res = run
+    report = json.load(open(out / "report.json"))
+    assert [v["name"] for v in report["variants"]] == ["full", "lora"]
+    for v in report["variants"]:
+        for key in ("finetune_stage1", "finetune_stage2", "mix_stage1", "mix_stage2", "acc_A_after_stage1",
+                    "acc_A_after_stage2", "acc_B_after_stage2", "forgetting"):
+            assert key in v, key
+        for key in ("acc_A_after_stage1", "acc_A_after_stage2", "acc_B_after_stage2"):
+            assert 0.0 <= v[key] <= 1.0
+        assert v["forgetting"] == pytest.approx(v["acc_A_after_stage1"] - v["acc_A_after_stage2"])
+    lora = report["variants"][1]
+    assert lora["finetune_stage1"].startswith("lora") and lora["mix_stage1"] == "random-words:0.5"
+    assert lora["finetune_stage2"] == "full" and lora["mix_stage2"] == "none"
+    assert "| full |" in (out / "report.md").read_text()
+    assert "acc_A_after_stage2" in res.stdout  # the table is printed
+
+
+def test_outputs_and_logs(run):
+    out, _, _ = run
+    s1 = out / "lora" / "stage1"
+    lines = [json.loads(l) for l in open(s1 / "train_log.jsonl")]
+    steps = [l for l in lines if "loss" in l]
+    # 40 examples + 20 mixing = 60 per epoch, batch 10: 6 steps x 3 epochs, none dropped
+    assert len(steps) == 18 and all(l["lr"] >= 0 for l in steps)
+    cfg = json.load(open(s1 / "config.json"))
+    assert cfg["n_mix"] == 20 and cfg["ds_config"]["zero_optimization"]["stage"] == 2
+    assert cfg["ds_config"]["train_batch_size"] == 10  # "auto" resolved from the recipe
+    adapter = load_file(str(s1 / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all(t.numel() > 0 for t in adapter.values())
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in adapter.items())  # trained, not the zero init
+    assert (s1 / "merged" / "model.safetensors").exists()
+    preds = [json.loads(l) for l in open(out / "full" / "stage2" / "eval" / "A.predictions.jsonl")]
+    assert len(preds) == 40 and set(preds[0]) >= {"prompt", "gold", "prediction", "correct"}
+
+
+def test_rerun_skips_complete_stages(run):
+    out, recipe, _ = run
+    done = out / "full" / "stage1" / "DONE.json"
+    before = os.path.getmtime(done)
+    res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe), "--variant", "full",
+                   "stage2.epochs=1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert os.path.getmtime(done) == before                      # stage 1 unchanged: not retrained
+    assert "full/stage1: complete output found" in res.stderr
+    s2 = json.load(open(out / "full" / "stage2" / "DONE.json"))
+    assert s2["summary"]["epochs"] == 1                          # stage 2's config changed: retrained
