@@ -112,6 +112,7 @@ class TinySpec:
 class EvalSpec:
     batch_size: int = 64
     max_new_tokens: Optional[int] = None   # None: longest gold answer + 4 tokens
+    scorer: str = "generate"               # final evaluation: "generate" (greedy, the study's) or "teacher-forced"
 
 
 @dataclass
@@ -135,6 +136,9 @@ class StageSpec:
     loss_patience: int = 10
     log_every: int = 1
     save_dtype: str = "auto"      # auto: bf16 when training in bf16, else the training dtype
+    save_every: int = 0           # DeepSpeed checkpoint every N optimizer steps (0: none)
+    keep_checkpoints: int = 2     # keep the newest N complete checkpoints
+    resume: str = "auto"          # auto: continue from the newest complete checkpoint of the same config; never
     track: bool = True            # teacher-forced accuracy of this and earlier factoid sets after every epoch
     probe: bool = False           # save the engine's logits on a few examples (checks that saving is exact)
 
@@ -418,6 +422,12 @@ def validate(recipe: Recipe, where: str) -> None:
                 raise ConfigError(f"{w}: lora.r must be at least 1")
             if st.mix is not None and st.mix.ratio < 0:
                 raise ConfigError(f"{w}: mix.ratio must be >= 0, got {st.mix.ratio}")
+            if st.resume not in ("auto", "never"):
+                raise ConfigError(f"{w}: resume must be auto or never, got {st.resume!r}")
+            if st.save_every < 0 or st.keep_checkpoints < 1:
+                raise ConfigError(f"{w}: save_every must be >= 0 and keep_checkpoints >= 1")
+            if st.save_every and st.save_every % st.log_every:
+                raise ConfigError(f"{w}: save_every ({st.save_every}) must be a multiple of log_every ({st.log_every})")
             if st.log_every < 1:
                 raise ConfigError(f"{w}: log_every must be at least 1")
 

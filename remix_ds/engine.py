@@ -202,6 +202,23 @@ class Engine:
     def eval(self):
         self.engine.eval()
 
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, root: str, tag: str, client_state: Dict[str, Any], marker: Dict[str, Any]) -> None:
+        """A DeepSpeed checkpoint (model, optimizer, scheduler; every rank writes its partition), then a
+        completion marker written by rank 0 once every rank has finished."""
+        self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        dist.barrier()
+        if dist.is_main():
+            write_json_atomic(os.path.join(root, tag, "COMPLETE.json"), marker)
+        dist.barrier()
+
+    def load_checkpoint(self, root: str, tag: str) -> Dict[str, Any]:
+        _, client_state = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        if client_state is None:
+            raise RuntimeError(f"could not load checkpoint {root}/{tag}")
+        return client_state
+
     # ------------------------------------------------------------------ saving
     def gather_state_dict(self, keep: Callable[[str, torch.nn.Parameter], bool], dtype: torch.dtype
                           ) -> Optional[Dict[str, torch.Tensor]]:

@@ -136,6 +136,54 @@ def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: i
     return local
 
 
+# ------------------------------------------------------------------ checkpoints
+
+def latest_checkpoint(root: Path, h: str) -> Optional[str]:
+    """The newest checkpoint tag with a completion marker of this config, or None."""
+    best = None
+    if root.is_dir():
+        for d in root.iterdir():
+            marker = d / "COMPLETE.json"
+            try:
+                info = json.load(open(marker))
+            except (OSError, ValueError):
+                continue
+            if info.get("hash") == h and (best is None or info["step"] > best[0]):
+                best = (info["step"], d.name)
+    return best[1] if best else None
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Remove incomplete checkpoints and all but the newest `keep` complete ones."""
+    complete = []
+    for d in root.iterdir():
+        if not d.is_dir():
+            continue
+        try:
+            complete.append((json.load(open(d / "COMPLETE.json"))["step"], d))
+        except (OSError, ValueError, KeyError):
+            shutil.rmtree(d, ignore_errors=True)
+    for _, d in sorted(complete, key=lambda x: x[0])[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log records written after the checkpoint being resumed (they will be written again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in open(path):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the kill
+        if rec.get("step", 0) <= step:
+            keep.append(json.dumps(rec))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------ the stage
 
 def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
@@ -146,10 +194,15 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     world, rank = dist.world_size(), dist.rank()
     micro, gas = batch_plan(world, spec.global_batch_size, spec.micro_batch_size)
 
+    ckpt_root = out / "checkpoints"
+    resume_tag = dist.broadcast_object(latest_checkpoint(ckpt_root, h) if spec.resume == "auto" else None)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        for stale in ("DONE.json", "train_log.jsonl", "model", "adapter", "merged", "eval"):
-            p = out / stale
+        stale = ["DONE.json", "model", "adapter", "merged", "eval"]
+        if resume_tag is None:
+            stale += ["train_log.jsonl", "checkpoints", "probe_logits.pt"]
+        for name in stale:
+            p = out / name
             shutil.rmtree(p) if p.is_dir() else (p.unlink() if p.exists() else None)
     dist.barrier()
 
@@ -196,9 +249,20 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                  n_mix, dropped, os.path.basename(spec.ds_config or recipe.ds_config), steps_per_epoch, G,
                  micro, gas, world)
 
+    torch.manual_seed(recipe.seed * 7 + k)  # adapter initialisation (and any dropout) is reproducible
     model, keep = load_for_training(base, spec.finetune, spec.lora, ds_cfg, dtype)
     eng = Engine(model, ds_cfg, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
                  total_steps=total_steps, warmup_ratio=spec.warmup_ratio)
+    state = {"step": 0, "epoch": 0, "s": 0, "below": 0, "accs": {}, "last_loss": float("nan"), "t": 0.0}
+    if resume_tag is not None:
+        cs = eng.load_checkpoint(str(ckpt_root), resume_tag)
+        state.update(cs["loop"])
+        torch.set_rng_state(cs["rng"])
+        if dist.is_main():
+            truncate_log(out / "train_log.jsonl", state["step"])
+            log.info("%s/stage%d: resumed from checkpoint %s (step %d, epoch %d)", variant.name, k, resume_tag,
+                     state["step"], state["epoch"])
+        dist.barrier()
     log_f = open(out / "train_log.jsonl", "a") if dist.is_main() else None
 
     def record(obj):
@@ -206,18 +270,29 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
             log_f.write(json.dumps(obj) + "\n")
             log_f.flush()
 
-    t0 = time.time()
-    step, below, stopped_by, last_loss = 0, 0, "epochs", float("nan")
+    t0 = time.time() - state["t"]
+    step, below, last_loss, accs = state["step"], state["below"], state["last_loss"], state["accs"]
+    stopped_by = "epochs"
     window_loss = torch.zeros((), dtype=torch.float64, device=eng.device)
     window_tokens = 0
-    accs: Dict[str, float] = {}
     log_every = 1 if spec.stop == "loss" else spec.log_every
-    epochs_run = 0
-    bar = tqdm(total=total_steps, desc=f"{variant.name}/stage{k}", disable=not dist.is_main(), dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    for epoch in range(spec.epochs):
+    epochs_run = state["epoch"]
+
+    def checkpoint(next_epoch: int, next_s: int) -> None:
+        if not spec.save_every or step % spec.save_every:
+            return
+        loop = {"step": step, "epoch": next_epoch, "s": next_s, "below": below, "accs": accs,
+                "last_loss": last_loss, "t": time.time() - t0}
+        eng.save_checkpoint(str(ckpt_root), f"step{step}", {"loop": loop, "rng": torch.get_rng_state()},
+                            marker={"step": step, "hash": h})
+        if dist.is_main():
+            prune_checkpoints(ckpt_root, spec.keep_checkpoints)
+
+    bar = tqdm(total=total_steps, initial=step, desc=f"{variant.name}/stage{k}", disable=not dist.is_main(),
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    for epoch in range(state["epoch"], spec.epochs):
         order = epoch_order(len(enc), recipe.seed, k, epoch)
-        for s in range(steps_per_epoch):
+        for s in range(state["s"] if epoch == state["epoch"] else 0, steps_per_epoch):
             chunk = [enc[i] for i in order[s * G:(s + 1) * G]]
             window_loss += global_step(eng, chunk, world, gas, rank, pad)
             step += 1
@@ -236,6 +311,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                     if below >= spec.loss_patience:
                         stopped_by = "loss"
                         break
+            if s < steps_per_epoch - 1:
+                checkpoint(epoch, s + 1)
         epochs_run = epoch + 1
         if tracked:
             eng.eval()
@@ -255,6 +332,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
             if acc >= 1.0:
                 stopped_by = "accuracy"
                 break
+        checkpoint(epoch + 1, 0)
     bar.close()
     train_seconds = time.time() - t0
     if spec.stop == "accuracy" and stopped_by != "accuracy" and dist.is_main():
@@ -288,5 +366,6 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         if log_f:
             log_f.close()
         write_json_atomic(str(out / "DONE.json"), {"hash": h, "summary": summary})
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # the final output supersedes them
     dist.barrier()
     return summary

@@ -1,11 +1,29 @@
-"""Reading local record files with errors that name the file and line."""
+"""Reading local record files with errors that name the file and line.
+
+A local dataset ``path`` may be:
+
+- a ``.json`` file (a list of objects, or ``{"data": [...]}``) or a ``.jsonl`` file;
+- a ``.parquet`` file;
+- a directory written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict; the split is chosen
+  by ``split``, ``a+b`` concatenates);
+- a directory of such files: with a ``<split>/`` sub-directory (EntityQuestions' ``dataset/train/P17.train.json``
+  layout) that sub-directory is read, otherwise every data file below the directory, in sorted path order;
+- a glob pattern (``data/*.jsonl``).
+
+Rows come back as ``(origin, row, record)``: the file (or directory and split) and the 1-based row number
+within it, so that a bad row can be named exactly.
+"""
 from __future__ import annotations
 
+import glob
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import DataError
+
+DATA_EXTS = (".json", ".jsonl", ".parquet")
+Row = Tuple[str, int, Dict[str, Any]]
 
 
 def read_records(path: str) -> List[Dict[str, Any]]:
@@ -37,7 +55,20 @@ def read_records(path: str) -> List[Dict[str, Any]]:
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise DataError(f"{path}: expected a list of JSON objects")
         return data
-    raise DataError(f"{path}: unsupported file type (use .json or .jsonl)")
+    if path.endswith(".parquet"):
+        return read_parquet(path)
+    raise DataError(f"{path}: unsupported file type (use .json, .jsonl, .parquet or a save_to_disk directory)")
+
+
+def read_parquet(path: str) -> List[Dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    if not os.path.exists(path):
+        raise DataError(f"dataset file not found: {path}")
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise DataError(f"{path}: cannot read parquet file ({type(e).__name__}: {e})") from None
 
 
 def require_fields(rec: Dict[str, Any], fields, path: str, row: int) -> None:
@@ -45,3 +76,104 @@ def require_fields(rec: Dict[str, Any], fields, path: str, row: int) -> None:
         if name not in rec or rec[name] is None or (isinstance(rec[name], str) and not rec[name].strip()):
             raise DataError(f"{path}: row {row}: missing required field {name!r} (fields present: "
                             f"{', '.join(sorted(rec)) or 'none'})")
+
+
+# ---------------------------------------------------------------- local paths of every kind
+
+def is_saved_dataset(path: str) -> bool:
+    """A directory written by Dataset.save_to_disk or DatasetDict.save_to_disk."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "dataset_dict.json"))
+                                    or os.path.isfile(os.path.join(path, "state.json")))
+
+
+def data_files(path: str, split: Optional[str] = None, exclude: Sequence[str] = ()) -> List[str]:
+    """The data files a local directory or glob stands for, in sorted order."""
+    if any(ch in path for ch in "*?["):
+        files = sorted(f for f in glob.glob(path, recursive=True) if f.endswith(DATA_EXTS))
+        if not files:
+            raise DataError(f"{path}: the pattern matches no .json/.jsonl/.parquet file")
+        return files
+    if split and "+" in split:
+        parts = [os.path.join(path, s) for s in split.split("+")]
+        if all(os.path.isdir(p) for p in parts):
+            return [f for p in parts for f in data_files(p, None, exclude)]
+    root = path
+    if split and "+" not in split and os.path.isdir(os.path.join(path, split)):
+        root = os.path.join(path, split)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            if f.endswith(DATA_EXTS) and f not in exclude and not f.startswith("."):
+                files.append(os.path.join(dirpath, f))
+    files.sort(key=lambda f: os.path.relpath(f, root))
+    if not files:
+        raise DataError(f"{path}: no .json, .jsonl or .parquet files in this directory"
+                        + (f" (looked in {root})" if root != path else ""))
+    return files
+
+
+def _saved_dataset_rows(path: str, split: Optional[str], default_split: Optional[str]) -> Iterator[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read the save_to_disk directory ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        want = split or (default_split if default_split in names else None)
+        if want is None:
+            if len(names) != 1:
+                raise DataError(f"{path}: a DatasetDict with splits {', '.join(names)}; choose one with split:")
+            want = names[0]
+        parts = want.split("+")
+        for p in parts:
+            if p not in names:
+                raise DataError(f"{path}: no split {p!r} (splits: {', '.join(names)})")
+        for p in parts:
+            where = f"{path} [split {p}]"
+            for i, rec in enumerate(ds[p], 1):
+                yield where, i, rec
+    else:
+        for i, rec in enumerate(ds, 1):
+            yield path, i, rec
+
+
+def local_rows(path: str, split: Optional[str] = None, default_split: Optional[str] = None,
+               exclude: Sequence[str] = ()) -> Iterator[Row]:
+    """Every record of a local file, save_to_disk directory, directory of files or glob."""
+    path = os.path.expanduser(path)
+    if is_saved_dataset(path):
+        yield from _saved_dataset_rows(path, split, default_split)
+        return
+    if os.path.isdir(path) or any(ch in path for ch in "*?["):
+        files = data_files(path, split or default_split, exclude)
+    elif os.path.exists(path):
+        files = [path]
+    else:
+        raise DataError(f"dataset file not found: {path}")
+    for f in files:
+        for i, rec in enumerate(read_records(f), 1):
+            yield f, i, rec
+
+
+def tree_mtime(path: str) -> float:
+    """A cheap change marker for a local path (file, directory or glob): the newest mtime below it."""
+    path = os.path.expanduser(path)
+    if any(ch in path for ch in "*?["):
+        return max([os.path.getmtime(f) for f in glob.glob(path, recursive=True)] or [0.0])
+    if not os.path.exists(path):
+        return 0.0
+    if os.path.isfile(path):
+        return os.path.getmtime(path)
+    newest = os.path.getmtime(path)
+    for dirpath, _, filenames in os.walk(path):
+        for f in filenames:
+            newest = max(newest, os.path.getmtime(os.path.join(dirpath, f)))
+    return newest
+
+
+def iter_with_rows(records: Iterable[Dict[str, Any]], origin: str) -> Iterator[Row]:
+    for i, rec in enumerate(records, 1):
+        yield origin, i, rec

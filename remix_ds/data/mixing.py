@@ -1,20 +1,35 @@
-"""REMIX mixing data: random word sequences (and, through data.sources, generic text).
+"""REMIX mixing data: random word sequences, generic pretraining text, and replay of an earlier dataset.
 
-A random-words example has the generic-passage shape of the study: the prompt is
-``Complete the following partial passage:\n\n`` followed by ``prompt_words`` words, the target the
-next ``target_words`` words. Words are drawn uniformly, with replacement, from the ``web2`` word list
-of the ``english-words`` package (lower-cased, alphabetic words of 2 to 12 letters, sorted so the draw
-is reproducible from the seed).
+Random words and generic text share the study's passage shape: the prompt is
+``Complete the following partial passage:\\n\\n`` followed by ``prompt_words`` words, the target the next
+``target_words`` words (50 and 50 by default).
+
+- ``random-words``: words drawn uniformly, with replacement, from the ``web2`` word list of the
+  ``english-words`` package (lower-cased, alphabetic words of 2 to 12 letters, sorted so the draw is
+  reproducible from the seed).
+- ``knowledge-pile``, ``fineweb``, ``arxiv-pile``: documents of generic text. The first ``pool`` documents
+  (20,000, as in the study) are read; those of at least ``prompt_words + target_words`` whitespace-separated
+  words (100 by default) become passages (their first words, split as above); the passages are shuffled by
+  the seed and the first ``n`` are used. Sizes are counted in documents.
+- ``replay``: examples of an earlier stage's dataset (by default stage 1's, D_A), shuffled by the seed and
+  repeated in a new shuffle if more are needed than the dataset holds (the paper's replay baseline).
+
+Every mixing example has role "mix": it is trained on and never evaluated.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
-from typing import List
+from dataclasses import dataclass
+from itertools import islice
+from typing import Dict, List, Optional, Sequence
 
+from ..errors import DataError
 from .example import Example
 
 PASSAGE_PROMPT = "Complete the following partial passage:\n\n"
+TEXT_POOL = 20000
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,13 +47,117 @@ def num_mix_examples(n_data: int, ratio: float) -> int:
     return int(n_data * ratio)
 
 
+def passage(words: Sequence[str], prompt_words: int, target_words: int, source: str) -> Example:
+    return Example(prompt=PASSAGE_PROMPT + " ".join(words[:prompt_words]),
+                   answer=" ".join(words[prompt_words:prompt_words + target_words]), role="mix", source=source,
+                   factoid=False)
+
+
 def random_word_examples(n: int, seed: int, prompt_words: int = 50, target_words: int = 50) -> List[Example]:
     words = word_list()
     rng = random.Random(f"random-words-{seed}")
     out = []
     for _ in range(n):
         seq = [rng.choice(words) for _ in range(prompt_words + target_words)]
-        out.append(Example(prompt=PASSAGE_PROMPT + " ".join(seq[:prompt_words]),
-                           answer=" ".join(seq[prompt_words:]), role="mix", source="random-words",
-                           factoid=False))
+        out.append(passage(seq, prompt_words, target_words, "random-words"))
+    return out
+
+
+# ---------------------------------------------------------------- generic text
+
+@dataclass(frozen=True)
+class TextSource:
+    name: str
+    hub: str
+    fields: Sequence[str]            # text column, first present wins
+    config: Optional[str] = None
+    split: str = "train"
+    streaming: bool = True
+
+
+TEXT_SOURCES: Dict[str, TextSource] = {
+    "knowledge-pile": TextSource("knowledge-pile", "Query-of-CC/Knowledge_Pile", ("content", "text")),
+    "fineweb": TextSource("fineweb", "kh4dien/fineweb-100m-sample", ("text", "content")),
+    "arxiv-pile": TextSource("arxiv-pile", "haritzpuerto/the_pile_arxiv_50k_sample", ("text", "content")),
+}
+
+
+def text_documents(mix, where: str, fix: str) -> List[List[str]]:
+    """The whitespace-split documents of the first `pool` rows of a text source (local path or hub)."""
+    from .hub import hub_rows
+    from .io import local_rows
+
+    info = TEXT_SOURCES[mix.source]
+    pool = mix.pool if mix.pool is not None else TEXT_POOL
+    if pool < 1:
+        raise DataError(f"{where}: pool must be at least 1, got {pool}")
+    fields = (mix.text_field,) if mix.text_field else tuple(info.fields)
+    if mix.path:
+        rows = islice(local_rows(mix.path, mix.split, info.split), pool)
+    else:
+        own = mix.name is None
+        rows = hub_rows(mix.name or info.hub, mix.config if mix.config is not None else (info.config if own else None),
+                        mix.split or info.split, what=where, fix=fix, revision=mix.revision,
+                        streaming=info.streaming if mix.streaming is None else mix.streaming, pool=pool,
+                        columns=fields)
+    docs, n_rows = [], 0
+    for origin, row, rec in rows:
+        n_rows += 1
+        field = next((f for f in fields if f in rec), None)
+        if field is None or not isinstance(rec[field], str):
+            raise DataError(f"{where}, {origin}: row {row}: missing required text field "
+                            f"{' or '.join(repr(f) for f in fields)} (fields present: {', '.join(sorted(rec)) or 'none'})")
+        docs.append(rec[field].split())
+    if n_rows == 0:
+        raise DataError(f"{where}: the text source is empty (no rows)")
+    return docs
+
+
+_DOC_CACHE: Dict[tuple, List[List[str]]] = {}
+
+
+def text_passage_examples(mix, n: int, seed: int, where: str, fix: str) -> List[Example]:
+    """n passages from documents of at least prompt_words + target_words words, shuffled by the seed."""
+    if n == 0:
+        return []
+    from .io import tree_mtime
+
+    key = (mix.source, mix.path, tree_mtime(mix.path) if mix.path else None, mix.name, mix.config, mix.split,
+           mix.revision, mix.streaming, mix.pool, mix.text_field)
+    docs = _DOC_CACHE.get(key)
+    if docs is None:
+        docs = text_documents(mix, where, fix)
+        if len(_DOC_CACHE) >= 8:
+            _DOC_CACHE.pop(next(iter(_DOC_CACHE)))
+        _DOC_CACHE[key] = docs
+    need = mix.prompt_words + mix.target_words
+    eligible = [d for d in docs if len(d) >= need]
+    if len(eligible) < n:
+        raise DataError(f"{where}: {n} mixing examples needed but only {len(eligible)} of the {len(docs)} documents "
+                        f"read have at least {need} words; raise mix.pool, lower mix.ratio, or give more text")
+    order = list(range(len(eligible)))
+    random.Random(f"{mix.source}-{seed}").shuffle(order)
+    return [passage(eligible[i], mix.prompt_words, mix.target_words, mix.source) for i in order[:n]]
+
+
+def clear_cache() -> None:
+    _DOC_CACHE.clear()
+
+
+# ---------------------------------------------------------------- replay
+
+def replay_examples(data: Sequence[Example], n: int, seed: int, source: str) -> List[Example]:
+    """n examples of an earlier dataset, as mixing: shuffled by the seed, reshuffled per pass if n > len."""
+    if n and not data:
+        raise DataError(f"replay of {source}: the dataset is empty")
+    out: List[Example] = []
+    rng = random.Random(f"replay-{seed}")
+    while len(out) < n:
+        order = list(range(len(data)))
+        rng.shuffle(order)
+        for i in order[:n - len(out)]:
+            ex = data[i]
+            out.append(dataclasses.replace(ex, aliases=list(ex.aliases), role="mix", factoid=False,
+                                           source=f"replay:{source}",
+                                           messages=list(ex.messages) if ex.messages else None))
     return out

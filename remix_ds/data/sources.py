@@ -1,21 +1,57 @@
 """One loader per dataset source. Each returns a list of Example, cut to ``num_examples``.
 
-Register new sources with ``@source("name", factoid=True)``.
+Every hub-backed source reads, in this order of preference:
+
+1. ``path:`` a local file or directory (JSON, JSONL, parquet, a ``save_to_disk`` directory, a directory of
+   such files such as EntityQuestions' per-relation layout, or a glob);
+2. otherwise ``datasets.load_dataset(name or the source's hub id, config, split=..., revision=...,
+   streaming=...)``.
+
+Rows may be in any of three schemas, detected from the first row (or forced with ``format:``):
+
+- ``native``: the source's own row schema on the hub (e.g. PopQA ``question``/``possible_answers``);
+- ``released``: the study authors' per-dataset JSON records (``input_text``, ``target_text``,
+  ``target_for_eval``, ``messages``);
+- ``simple``: ``prompt`` (or ``question``) and ``answer`` (+ ``aliases``), used verbatim; this is what
+  ``filter_unknown`` writes.
+
+Then every set is shuffled deterministically by the seed and cut: examples ``skip .. skip+num_examples``
+of the shuffled order (``skip`` is 0, and ``num_examples`` for the ``...B`` sources, which so take the
+next examples, disjoint from the first). docs/datasets.md lists every source.
+
+Register new sources with ``@source("name", factoid=True)`` (a function ``(spec, seed) -> [Example]``) or
+with ``register(SourceInfo(...))``.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
+import logging
+import os
 import random
-from typing import Callable, Dict, List
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..config import DatasetSpec
 from ..errors import ConfigError, DataError
-from .example import Example
-from .io import read_records, require_fields
+from .example import Example, Turn
+from .hub import hub_rows
+from .io import Row, local_rows, require_fields, tree_mtime
+from .kvr import PROMPT as KVR_PROMPT
 from .kvr import kvr_examples
 
-Loader = Callable[[DatasetSpec, int], List[Example]]
+log = logging.getLogger(__name__)
+
+Loader = Callable[..., List[Example]]
 SOURCES: Dict[str, Loader] = {}
 FACTOID: Dict[str, bool] = {}
+FORMATS = ("auto", "native", "released", "simple")
+QA_SUFFIX = "\nThe answer is: "          # PopQA / TriviaQA prompts, as in the study
+STUDY_POOL = 20000                         # UltraChat and the generic text sources: the first 20,000 rows
+APPS_DIFFICULTIES = ("introductory", "interview")
+RELEASED_COLUMNS = ("input_text", "target_text", "target_for_eval", "messages", "prompt", "answer", "aliases")
 
 
 def source(name: str, factoid: bool = True):
@@ -28,56 +64,519 @@ def source(name: str, factoid: bool = True):
 
 def shuffled_head(items: List[Example], n: int, seed: int) -> List[Example]:
     """The first n items after a deterministic shuffle by the seed."""
+    return cut(items, n, seed)
+
+
+def cut(items: List[Example], n: int, seed: int, skip: int = 0, shuffle: bool = True) -> List[Example]:
+    """Items skip .. skip+n of the order shuffled by the seed (or of the given order)."""
     order = list(range(len(items)))
-    random.Random(f"shuffle-{seed}").shuffle(order)
-    return [items[i] for i in order[:n]]
+    if shuffle:
+        random.Random(f"shuffle-{seed}").shuffle(order)
+    return [_copy(items[i]) for i in order[skip:skip + n]]
+
+
+def _copy(ex: Example) -> Example:
+    return dataclasses.replace(ex, aliases=list(ex.aliases),
+                               messages=list(ex.messages) if ex.messages else None)
+
+
+# ---------------------------------------------------------------- row helpers
+
+def _text(rec: Dict[str, Any], key: str) -> str:
+    return str(rec[key]).strip()
+
+
+def answer_list(value: Any) -> List[str]:
+    """A list of answers from a list, a JSON-encoded list (PopQA) or a single value; empty ones dropped."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        s = value.strip()
+        if s.startswith("["):
+            try:
+                parsed = json.loads(s)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, list):
+                return answer_list(parsed)
+        return [s] if s else []
+    if isinstance(value, (list, tuple)):
+        out = []
+        for v in value:
+            out.extend(answer_list(v))
+        return out
+    if isinstance(value, dict):  # TriviaQA's answer object
+        return answer_list(value.get("value")) + answer_list(value.get("aliases"))
+    return [str(value)]
+
+
+def _unique(values: Iterable[str]) -> List[str]:
+    seen, out = set(), []
+    for v in values:
+        if v not in seen:
+            seen.add(v)
+            out.append(v)
+    return out
+
+
+def qa_example(prompt: str, answers: List[str], src: str, where: str, row: int, field: str) -> Example:
+    answers = _unique(a for a in answers if a)
+    if not answers:
+        raise DataError(f"{where}: row {row}: field {field!r} holds no answer")
+    return Example(prompt=prompt, answer=answers[0], aliases=answers[1:], source=src)
+
+
+def message_turns(messages: Any, where: str, row: int, field: str = "messages") -> List[Turn]:
+    """(user, assistant) pairs from [{"role", "content"}, ...] or from alternating strings (UltraChat).
+
+    System messages are dropped; a trailing user message without a reply is dropped.
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise DataError(f"{where}: row {row}: field {field!r} must be a list of messages")
+    texts: List[Tuple[str, str]] = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict):
+            if "content" not in m:
+                raise DataError(f"{where}: row {row}: {field}[{i}] has no 'content'")
+            role = str(m.get("role", "user" if i % 2 == 0 else "assistant"))
+            if role == "system":
+                continue
+            texts.append(("assistant" if role in ("assistant", "gpt", "model") else "user", str(m["content"])))
+        else:
+            texts.append(("user" if len(texts) % 2 == 0 else "assistant", str(m)))
+    turns: List[Turn] = []
+    pending: Optional[str] = None
+    for role, content in texts:
+        if role == "user":
+            pending = content if pending is None else pending + "\n" + content
+        elif pending is not None:
+            turns.append((pending, content))
+            pending = None
+    return turns
+
+
+# ---------------------------------------------------------------- source descriptions
+
+@dataclass(frozen=True)
+class SourceInfo:
+    name: str
+    kind: str                            # factoid | instruction | conversation
+    hub: Optional[str] = None            # default hub id (None: local files only)
+    config: Optional[str] = None
+    split: Optional[str] = "train"
+    revision: Optional[str] = None
+    streaming: bool = False
+    pool: Optional[int] = None           # read only the first `pool` rows
+    columns: Tuple[str, ...] = ()        # the native columns used (selected on the hub path)
+    suffix: str = ""                     # appended to the question in native and released rows
+    convert: Optional[Callable[[Dict[str, Any], str, int, Dict[str, Any]], Optional[Example]]] = None
+    dedupe: bool = False                 # merge rows with the same prompt (answers become aliases)
+    unique_prompts: bool = False         # duplicate prompts are an error (KVR keys)
+    exclude_files: Tuple[str, ...] = ()  # file names in a local directory that are not rows
+    local_hint: str = "a .json/.jsonl/.parquet file or a save_to_disk directory"
+
+    @property
+    def factoid(self) -> bool:
+        return self.kind == "factoid"
+
+
+INFO: Dict[str, SourceInfo] = {}
+
+
+def register(info: SourceInfo, b_variant: bool = False) -> None:
+    """Register a rows-backed source, and its ``<name>B`` variant (the next num_examples examples)."""
+    for name, b in ((info.name, False), (info.name + "B", True))[:2 if b_variant else 1]:
+        def loader(spec: DatasetSpec, seed: int, key: str = "", _info=info, _b=b) -> List[Example]:
+            return load_rows_source(spec, seed, key, _info, _b)
+        SOURCES[name] = loader
+        FACTOID[name] = info.factoid
+        INFO[name] = info
+
+
+# ---------------------------------------------------------------- native converters
+
+def _popqa(rec, where, row, ctx):
+    require_fields(rec, ["question"], where, row)
+    answers = answer_list(rec.get("obj")) + answer_list(rec.get("possible_answers"))
+    if not answers:
+        require_fields(rec, ["possible_answers"], where, row)
+    return qa_example(_text(rec, "question") + QA_SUFFIX, answers, "popqa", where, row, "possible_answers")
+
+
+def _triviaqa(rec, where, row, ctx):
+    require_fields(rec, ["question", "answer"], where, row)
+    return qa_example(_text(rec, "question") + QA_SUFFIX, answer_list(rec["answer"]), "triviaqa", where, row,
+                      "answer")
+
+
+def lama_prompt(template: str, subject: str) -> str:
+    """The cloze rule: the template up to the object slot [Y], with [X] replaced by the subject.
+
+    ``[X] was born in [Y] .`` -> ``Dante was born in``. Whatever follows [Y] (usually `` .``) is dropped,
+    so the prompt always ends where the object goes.
+    """
+    head = template.split("[Y]", 1)[0]
+    return " ".join(head.replace("[X]", subject).split())
+
+
+def _lama(rec, where, row, ctx):
+    require_fields(rec, ["sub_label", "obj_label"], where, row)
+    template = rec.get("template")
+    if not template:
+        templates = ctx.get("templates") or {}
+        pid = rec.get("predicate_id")
+        template = templates.get(pid)
+        if not template:
+            raise DataError(f"{where}: row {row}: no 'template' field and no template for predicate_id {pid!r}"
+                            + (" (no relations.jsonl found next to the data)" if not templates else
+                               " in relations.jsonl"))
+    if "[X]" not in template or "[Y]" not in template:
+        raise DataError(f"{where}: row {row}: template {template!r} needs both [X] and [Y]")
+    return qa_example(lama_prompt(str(template), _text(rec, "sub_label")), answer_list(rec["obj_label"]), "lama",
+                      where, row, "obj_label")
+
+
+def _lama_prepare(spec: DatasetSpec, what: str) -> Dict[str, Any]:
+    """LAMA's own distribution: TREx/P*.jsonl rows without templates, templates in relations.jsonl."""
+    if not spec.path:
+        return {}
+    base = os.path.expanduser(spec.path)
+    base = base if os.path.isdir(base) else os.path.dirname(base)
+    for d in (base, os.path.dirname(base), os.path.dirname(os.path.dirname(base))):
+        f = os.path.join(d, "relations.jsonl")
+        if os.path.isfile(f):
+            from .io import read_records
+            return {"templates": {r.get("relation"): r.get("template") for r in read_records(f)}}
+    return {}
+
+
+def _question_answers(src):
+    def convert(rec, where, row, ctx):
+        require_fields(rec, ["question", "answers"], where, row)
+        return qa_example(_text(rec, "question"), answer_list(rec["answers"]), src, where, row, "answers")
+    return convert
+
+
+def _pair(src, q, a, kind="instruction"):
+    def convert(rec, where, row, ctx):
+        require_fields(rec, [q, a], where, row)
+        return Example(prompt=str(rec[q]).strip(), answer=str(rec[a]), source=src, factoid=kind == "factoid")
+    return convert
+
+
+def _ultrachat(rec, where, row, ctx):
+    if "data" not in rec and "messages" in rec:  # chat-format copies (e.g. ultrachat_200k)
+        turns = message_turns(rec["messages"], where, row)
+    else:
+        require_fields(rec, ["data"], where, row)
+        turns = message_turns(rec["data"], where, row, "data")
+    if not turns:
+        ctx["skipped"] = ctx.get("skipped", 0) + 1
+        return None
+    return Example(prompt=turns[0][0], answer=turns[0][1], messages=turns, source="ultrachat", factoid=False)
+
+
+def apps_prompt(question: str, starter_code: Optional[str], call_based: bool) -> str:
+    """The study's APPS prompt."""
+    text = f"Question:\n {question}"
+    if starter_code:
+        text += f"\n\nSTARTER CODE:\n{starter_code}"
+    text += "\nUse Call-Based format" if call_based else "\nUse Standard Input format"
+    return text + "\nAnswer:\n"
+
+
+def _apps(rec, where, row, ctx):
+    require_fields(rec, ["question", "difficulty"], where, row)
+    if "solutions" not in rec:   # present but empty is allowed: APPS has problems without solutions
+        require_fields(rec, ["solutions"], where, row)
+    if rec["difficulty"] not in APPS_DIFFICULTIES:
+        return None
+    try:
+        fn_name = (json.loads(rec.get("input_output") or "{}") or {}).get("fn_name")
+    except (ValueError, AttributeError):
+        fn_name = None
+    solutions = rec["solutions"]
+    if isinstance(solutions, str):
+        try:
+            solutions = json.loads(solutions)
+        except ValueError:
+            solutions = None
+    if not isinstance(solutions, list) or not solutions or not str(solutions[0]).strip():
+        ctx["skipped"] = ctx.get("skipped", 0) + 1   # the study skips problems without a usable solution
+        return None
+    prompt = apps_prompt(str(rec["question"]), rec.get("starter_code") or None, bool(fn_name))
+    return Example(prompt=prompt, answer=str(solutions[0]), source="apps", factoid=False)
+
+
+def _simple(rec, where, row, ctx, src="json"):
+    qkey = "prompt" if "prompt" in rec else "question"
+    require_fields(rec, [qkey, "answer"], where, row)
+    aliases = rec.get("aliases") or []
+    if not isinstance(aliases, (list, tuple)):
+        aliases = [aliases]
+    return Example(prompt=str(rec[qkey]), answer=str(rec["answer"]), aliases=[str(a) for a in aliases], source=src)
+
+
+def _kvr_native(src):
+    def convert(rec, where, row, ctx):
+        if "key" in rec or "prompt" not in rec and "question" not in rec:
+            require_fields(rec, ["key", "value"], where, row)
+            return Example(prompt=KVR_PROMPT.format(key=_text(rec, "key")), answer=_text(rec, "value"), source=src)
+        return _simple(rec, where, row, ctx, src)
+    return convert
+
+
+def _released(rec, where, row, ctx, info: SourceInfo, src: str):
+    """The study's released records: input_text -> target_text (target_for_eval: gold answers), or messages."""
+    if "input_text" in rec:
+        require_fields(rec, ["input_text", "target_text"], where, row)
+        prompt = _text(rec, "input_text") + info.suffix
+        if info.factoid:
+            answers = [_text(rec, "target_text")] + answer_list(rec.get("target_for_eval"))
+            return qa_example(prompt, answers, src, where, row, "target_text")
+        return Example(prompt=prompt, answer=str(rec["target_text"]), source=src, factoid=False)
+    require_fields(rec, ["messages"], where, row)
+    turns = message_turns(rec["messages"], where, row)
+    if not turns:
+        raise DataError(f"{where}: row {row}: 'messages' holds no user/assistant turn")
+    if info.factoid or len(turns) == 1:
+        aliases = [a for a in answer_list(rec.get("target_for_eval")) if a != turns[0][1].strip()]
+        return Example(prompt=turns[0][0], answer=turns[0][1], aliases=aliases, source=src)
+    return Example(prompt=turns[0][0], answer=turns[0][1], messages=turns, source=src, factoid=False)
+
+
+def detect_format(rec: Dict[str, Any], fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if "input_text" in rec or ("messages" in rec and "data" not in rec):
+        return "released"
+    if "prompt" in rec and "answer" in rec:
+        return "simple"
+    return "native"
+
+
+# ---------------------------------------------------------------- the registry
+
+register(SourceInfo("popqa", "factoid", hub="akariasai/PopQA", split="test", suffix=QA_SUFFIX, convert=_popqa,
+                    columns=("question", "obj", "possible_answers")), b_variant=True)
+register(SourceInfo("triviaqa", "factoid", hub="mandarjoshi/trivia_qa", config="rc.nocontext", split="train",
+                    suffix=QA_SUFFIX, convert=_triviaqa, columns=("question", "answer")), b_variant=True)
+register(SourceInfo("lama", "factoid", hub="facebook/lama", config="trex", split="train",
+                    revision="refs/convert/parquet", convert=_lama, dedupe=True,
+                    columns=("sub_label", "obj_label", "template", "predicate_id"),
+                    exclude_files=("relations.jsonl",),
+                    local_hint="the T-REx rows (facebook/lama parquet, or LAMA's TREx/P*.jsonl with relations.jsonl "
+                               "beside or above them)"), b_variant=True)
+register(SourceInfo("entityquestions", "factoid", hub=None, split="train", convert=_question_answers("entityquestions"),
+                    columns=("question", "answers"),
+                    local_hint="the EntityQuestions `dataset/` directory (train/P17.train.json, ...; from "
+                               "github.com/princeton-nlp/EntityQuestions)"), b_variant=True)
+register(SourceInfo("webqa", "factoid", hub="Stanford/web_questions", split="train+test",
+                    convert=_question_answers("webqa"), columns=("question", "answers")), b_variant=True)
+register(SourceInfo("ultrachat", "conversation", hub="stingning/ultrachat", split="train", streaming=True,
+                    pool=STUDY_POOL, convert=_ultrachat, columns=("data",)))
+register(SourceInfo("evolcode", "instruction", hub="nickrosh/Evol-Instruct-Code-80k-v1", split="train",
+                    convert=_pair("evolcode", "instruction", "output"), columns=("instruction", "output")))
+register(SourceInfo("apps", "instruction", hub="codeparrot/apps", config="all", split="train+test",
+                    revision="refs/convert/parquet",
+                    convert=_apps,
+                    columns=("question", "solutions", "input_output", "difficulty", "starter_code")))
+register(SourceInfo("gsm8k", "instruction", hub="openai/gsm8k", config="main", split="train",
+                    convert=_pair("gsm8k", "question", "answer"), columns=("question", "answer")))
+register(SourceInfo("math", "instruction", hub="DigitalLearningGmbH/MATH-lighteval", split="train",
+                    convert=_pair("math", "problem", "solution"), columns=("problem", "solution")))
+# aliases: the study's own names
+INFO["entityqa"], SOURCES["entityqa"], FACTOID["entityqa"] = INFO["entityquestions"], SOURCES["entityquestions"], True
+INFO["entityqaB"], SOURCES["entityqaB"], FACTOID["entityqaB"] = (INFO["entityquestionsB"], SOURCES["entityquestionsB"],
+                                                                True)
+PREPARE: Dict[str, Callable[[DatasetSpec, str], Dict[str, Any]]] = {"lama": _lama_prepare}
+
+# local-only sources
+JSON_INFO = SourceInfo("json", "factoid", hub=None, convert=lambda rec, where, row, ctx: _simple(rec, where, row, ctx))
+KVR_INFO = {part: SourceInfo(name, "factoid", hub=None, convert=_kvr_native(name), unique_prompts=True)
+            for part, name in (("A", "kvr"), ("B", "kvrB"))}
 
 
 @source("kvr")
-def load_kvr(spec: DatasetSpec, seed: int) -> List[Example]:
+def load_kvr(spec: DatasetSpec, seed: int, key: str = "") -> List[Example]:
     if spec.path:
-        return load_json(spec, seed)
+        return load_rows_source(spec, seed, key, KVR_INFO["A"], False)
     return kvr_examples(spec.num_examples, seed, "A")
 
 
 @source("kvrB")
-def load_kvr_b(spec: DatasetSpec, seed: int) -> List[Example]:
+def load_kvr_b(spec: DatasetSpec, seed: int, key: str = "") -> List[Example]:
     if spec.path:
-        return load_json(spec, seed)
+        return load_rows_source(spec, seed, key, KVR_INFO["B"], False)
     return kvr_examples(spec.num_examples, seed, "B")
 
 
 @source("json")
-def load_json(spec: DatasetSpec, seed: int) -> List[Example]:
-    """Local factoid records: {"prompt"|"question": ..., "answer": ..., "aliases": [...]} per row."""
+def load_json(spec: DatasetSpec, seed: int, key: str = "") -> List[Example]:
+    """Local records: {"prompt"|"question": ..., "answer": ..., "aliases": [...]} per row (or released records)."""
     if not spec.path:
-        raise ConfigError(f"source {spec.source!r} needs a path to a .json or .jsonl file")
-    records = read_records(spec.path)
-    out = []
-    seen_prompts = set()
-    for row, rec in enumerate(records, 1):
-        qkey = "prompt" if "prompt" in rec else "question"
-        require_fields(rec, [qkey, "answer"], spec.path, row)
-        if spec.source.startswith("kvr"):
-            if rec[qkey] in seen_prompts:
-                raise DataError(f"{spec.path}: row {row}: duplicate KVR key in {rec[qkey]!r}")
-            seen_prompts.add(rec[qkey])
-        aliases = rec.get("aliases") or []
-        out.append(Example(prompt=str(rec[qkey]), answer=str(rec["answer"]), aliases=[str(a) for a in aliases],
-                           source=spec.source))
+        raise ConfigError(f"source {spec.source!r} needs a path to a .json, .jsonl or .parquet file or a directory")
+    info = JSON_INFO
+    if spec.factoid is False:
+        info = dataclasses.replace(JSON_INFO, kind="instruction")
+    if spec.source.startswith("kvr"):
+        info = KVR_INFO["B" if spec.source == "kvrB" else "A"]
+    return load_rows_source(spec, seed, key, info, False)
+
+
+# ---------------------------------------------------------------- loading
+
+_CACHE: Dict[Tuple, Tuple[List[Example], str]] = {}
+_CACHE_MAX = 16
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def describe(spec: DatasetSpec, key: str = "") -> str:
+    return f"dataset {key or spec.source} (source {spec.source})"
+
+
+def fix_hint(key: str, info: SourceInfo) -> str:
+    k = key or "<name>"
+    return f"set datasets.{k}.path in the recipe to {info.local_hint} (or override datasets.{k}.path=...)"
+
+
+def _rows(spec: DatasetSpec, info: SourceInfo, what: str, key: str) -> Tuple[Iterable[Row], str]:
+    pool = spec.pool if spec.pool is not None else info.pool
+    if spec.path:
+        rows: Iterable[Row] = local_rows(spec.path, spec.split, info.split, exclude=info.exclude_files)
+        origin = spec.path
+        if pool is not None:
+            rows = islice(rows, pool)
+        return rows, origin
+    hub_id = spec.name or info.hub
+    if not hub_id:
+        raise DataError(f"{what}: this source has no hub copy to read by default; {fix_hint(key, info)}, "
+                        f"or set datasets.{key or '<name>'}.name to a hub id or dataset directory "
+                        f"with the same columns")
+    own = spec.name is None   # the source's config and revision apply to its own hub id only
+    config = spec.config if spec.config is not None else (info.config if own else None)
+    revision = spec.revision if spec.revision is not None else (info.revision if own else None)
+    streaming = spec.streaming if spec.streaming is not None else info.streaming
+    split = spec.split or info.split
+    columns = tuple(info.columns) + RELEASED_COLUMNS if info.columns else ()
+    return hub_rows(hub_id, config, split, what=what, fix=fix_hint(key, info), revision=revision,
+                    streaming=streaming, pool=pool, columns=columns), hub_id
+
+
+def convert_rows(rows: Iterable[Row], info: SourceInfo, fmt: str, what: str, src: str,
+                 ctx: Optional[Dict[str, Any]] = None) -> List[Example]:
+    """Rows -> Examples in one schema (detected from the first row), with every row checked."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"{what}: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    ctx = {} if ctx is None else ctx
+    schema = None
+    out: List[Example] = []
+    seen: Dict[str, Tuple[str, int]] = {}
+    by_prompt: Dict[str, Example] = {}
+    n_rows = 0
+    for origin, row, rec in rows:
+        n_rows += 1
+        where = f"{what}, {origin}"
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: row {row}: expected a record, got {type(rec).__name__}")
+        if schema is None:
+            schema = detect_format(rec, fmt)
+        if schema == "released":
+            ex = _released(rec, where, row, ctx, info, src)
+        elif schema == "simple":
+            ex = _simple(rec, where, row, ctx, src)
+        else:
+            ex = info.convert(rec, where, row, ctx)
+        if ex is None:
+            continue
+        ex.source = src
+        if info.unique_prompts:
+            if ex.prompt in seen:
+                o, r = seen[ex.prompt]
+                raise DataError(f"{where}: row {row}: duplicate KVR key in {ex.prompt!r} (first at {o}: row {r})")
+            seen[ex.prompt] = (origin, row)
+        if info.dedupe:
+            first = by_prompt.get(ex.prompt)
+            if first is not None:
+                first.aliases = _unique(first.aliases + [a for a in [ex.answer] + ex.aliases if a != first.answer])
+                continue
+            by_prompt[ex.prompt] = ex
+        out.append(ex)
+    if n_rows == 0:
+        raise DataError(f"{what}: the dataset is empty (no rows)")
     if not out:
-        raise DataError(f"{spec.path}: the dataset is empty")
-    return shuffled_head(out, spec.num_examples, seed)
+        raise DataError(f"{what}: none of the {n_rows} rows is usable"
+                        + (f" ({ctx['skipped']} without a usable target)" if ctx.get("skipped") else "")
+                        + (f"; APPS keeps difficulties {', '.join(APPS_DIFFICULTIES)} only" if info.name == "apps"
+                           else ""))
+    if ctx.get("skipped"):
+        log.info("%s: skipped %d of %d rows without a usable target", what, ctx["skipped"], n_rows)
+    return out
+
+
+def all_examples(spec: DatasetSpec, info: SourceInfo, key: str = "") -> List[Example]:
+    """Every example of a rows-backed source before shuffling and cutting (cached per process)."""
+    what = describe(spec, key)
+    src = spec.source[:-1] if spec.source.endswith("B") and spec.source[:-1] in INFO else spec.source
+    ckey = (info.name, info.kind, src, spec.path, tree_mtime(spec.path) if spec.path else None, spec.name,
+            spec.config, spec.split, spec.revision, spec.streaming, spec.pool, spec.format)
+    hit = _CACHE.get(ckey)
+    if hit is None:
+        try:
+            rows, _ = _rows(spec, info, what, key)
+            ctx = PREPARE[info.name](spec, what) if info.name in PREPARE else {}
+            examples = convert_rows(rows, info, spec.format, what, src, ctx)
+        except DataError as e:
+            if what in str(e):
+                raise
+            raise DataError(f"{what}: {e}") from None
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[ckey] = hit = (examples, what)
+    return hit[0]
+
+
+def load_rows_source(spec: DatasetSpec, seed: int, key: str, info: SourceInfo, b_variant: bool) -> List[Example]:
+    what = describe(spec, key)
+    examples = all_examples(spec, info, key)
+    skip = spec.skip if spec.skip is not None else (spec.num_examples if b_variant else 0)
+    if skip < 0:
+        raise ConfigError(f"{what}: skip must be >= 0, got {skip}")
+    out = cut(examples, spec.num_examples, seed, skip, spec.shuffle)
+    if not out:
+        raise DataError(f"{what}: no examples left after skipping {skip} of {len(examples)}"
+                        + (" (a ...B source takes the num_examples examples after the first num_examples; "
+                           "lower num_examples or set skip:)" if b_variant else ""))
+    if len(out) < spec.num_examples:
+        log.warning("%s: only %d examples available (num_examples=%d)", what, len(out), spec.num_examples)
+    return out
+
+
+def source_is_factoid(spec: DatasetSpec) -> bool:
+    if spec.factoid is not None:
+        return spec.factoid
+    return FACTOID.get(spec.source, True)
 
 
 def load_examples(spec: DatasetSpec, seed: int, name: str = "") -> List[Example]:
     if spec.source not in SOURCES:
         raise ConfigError(f"dataset {name or spec.source}: unknown source {spec.source!r} "
                           f"(known: {', '.join(sorted(SOURCES))})")
-    examples = SOURCES[spec.source](spec, seed)
+    if spec.format not in FORMATS:
+        raise ConfigError(f"dataset {name or spec.source}: format must be one of {', '.join(FORMATS)}, "
+                          f"got {spec.format!r}")
+    fn = SOURCES[spec.source]
+    try:
+        takes_key = len(inspect.signature(fn).parameters) >= 3
+    except (TypeError, ValueError):
+        takes_key = False
+    examples = fn(spec, seed, name) if takes_key else fn(spec, seed)
     if not examples:
         raise DataError(f"dataset {name or spec.source} ({spec.source}): no examples")
-    factoid = FACTOID[spec.source]
+    factoid = source_is_factoid(spec)
     for ex in examples:
         ex.factoid = factoid
     return examples

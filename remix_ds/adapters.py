@@ -1,0 +1,152 @@
+"""Merging LoRA adapters into their base: in memory (PEFT) or streaming, shard by shard.
+
+The streaming merge reads the base's safetensors shards one at a time, adds ``scale * B @ A`` (computed
+in fp32) to each adapted weight and writes the shard, so peak memory is about one shard plus the adapter,
+not the whole model. For a QLoRA adapter (``nf4=True``), every weight that was 4-bit during training is
+first quantised to NF4 and dequantised back (bitsandbytes, with the same block size and double
+quantisation), so the adapter is merged into exactly the weights it was trained against, in 16 bits —
+never into 4-bit weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .engine import atomic_save
+from .errors import ConfigError
+
+COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
+NF4_MODULES = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _adapter_tensors(adapter_dir: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]]:
+    cfg = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
+    if cfg.get("use_dora"):
+        raise ConfigError(f"{adapter_dir}: DoRA adapters are not supported by the streaming merge")
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{adapter_dir}: no adapter_model.safetensors")
+    sd = load_file(path)
+    pairs: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    for key, a in sd.items():
+        if ".lora_A." not in key:
+            if ".lora_B." not in key:
+                raise ConfigError(f"{adapter_dir}: unsupported adapter tensor {key!r} (only LoRA A/B are merged)")
+            continue
+        b = sd[key.replace(".lora_A.", ".lora_B.")]
+        module = key.split(".lora_A.")[0]
+        base_key = re.sub(r"^base_model\.model\.", "", module) + ".weight"
+        short = module.split(".")[-1]
+        rr = cfg.get("rank_pattern", {}).get(short, r)
+        aa = cfg.get("alpha_pattern", {}).get(short, alpha)
+        scale = aa / (rr ** 0.5) if cfg.get("use_rslora") else aa / rr
+        pairs[base_key] = (a, b, scale)
+    if not pairs:
+        raise ConfigError(f"{adapter_dir}: the adapter holds no LoRA weights")
+    return cfg, pairs
+
+
+def nf4_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """The weight as a bitsandbytes NF4 layer (double quantisation) sees it, dequantised to w's dtype."""
+    import bitsandbytes.functional as bnbf
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, state = bnbf.quantize_4bit(w.to(dev), blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    return bnbf.dequantize_4bit(q, state, quant_type="nf4").to("cpu", w.dtype)
+
+
+def _shards(base_dir: str):
+    index = os.path.join(base_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = sorted(set(json.load(open(index))["weight_map"].values()))
+        return files, index
+    if os.path.isfile(os.path.join(base_dir, "model.safetensors")):
+        return ["model.safetensors"], None
+    raise ConfigError(f"{base_dir}: no safetensors weights (model.safetensors or an index) found")
+
+
+def streaming_merge(base_dir: str, adapter_dir: str, out_dir: str, dtype: Optional[torch.dtype] = None,
+                    nf4: bool = False) -> Dict[str, float]:
+    """Merge shard by shard; returns {'merged': n, 'shards': n, 'peak_rss_gib': x}."""
+    if not os.path.isdir(base_dir):
+        raise ConfigError(f"base {base_dir!r}: not a local model directory")
+    _, pairs = _adapter_tensors(adapter_dir)
+    files, index = _shards(base_dir)
+    merged = 0
+
+    def write(tmp: str) -> None:
+        nonlocal merged
+        for name in files:
+            out: Dict[str, torch.Tensor] = {}
+            with safe_open(os.path.join(base_dir, name), framework="pt") as f:
+                meta = f.metadata() or {}
+                for key in f.keys():
+                    w = f.get_tensor(key)
+                    target = dtype or w.dtype
+                    if nf4 and NF4_MODULES.search(key):
+                        w = nf4_roundtrip(w)
+                    if key in pairs:
+                        a, b, scale = pairs.pop(key)
+                        w = (w.float() + scale * (b.float() @ a.float())).to(target)
+                        merged += 1
+                    else:
+                        w = w.to(target)
+                    out[key] = w.contiguous()
+            save_file(out, os.path.join(tmp, name), metadata={**meta, "format": "pt"})
+            del out
+        if pairs:
+            raise ConfigError(f"{adapter_dir}: adapter weights for {sorted(pairs)[0]} (and {len(pairs) - 1} more) "
+                              f"have no matching base weight in {base_dir}")
+        if index:
+            shutil.copy(index, os.path.join(tmp, os.path.basename(index)))
+        for fname in COPY_FILES:
+            src = os.path.join(adapter_dir, fname) if fname.startswith("tokenizer") and \
+                os.path.isfile(os.path.join(adapter_dir, fname)) else os.path.join(base_dir, fname)
+            if os.path.isfile(src):
+                shutil.copy(src, os.path.join(tmp, fname))
+        if dtype is not None:
+            cfg_path = os.path.join(tmp, "config.json")
+            cfg = json.load(open(cfg_path))
+            cfg["dtype"] = str(dtype).replace("torch.", "")
+            cfg.pop("quantization_config", None)
+            json.dump(cfg, open(cfg_path, "w"), indent=2)
+
+    atomic_save(out_dir, write)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    return {"merged": merged, "shards": len(files), "peak_rss_gib": round(peak, 3)}
+
+
+def merge_main(argv=None) -> None:
+    import argparse
+    import time
+
+    from .cli import main_guard, setup_logging
+
+    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base on CPU, shard by shard, and write "
+                                            "a safetensors Hugging Face directory.")
+    p.add_argument("base", help="base model directory (safetensors)")
+    p.add_argument("adapter", help="PEFT LoRA adapter directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="output dtype (default: base's)")
+    p.add_argument("--nf4", action="store_true", help="the adapter is a QLoRA adapter: merge into the NF4-"
+                                                      "dequantised base weights it was trained against")
+    args = p.parse_args(argv)
+
+    def run():
+        setup_logging()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype or "")
+        t0 = time.time()
+        stats = streaming_merge(args.base, args.adapter, args.out, dtype=dtype, nf4=args.nf4)
+        print(json.dumps({**stats, "seconds": round(time.time() - t0, 2), "out": args.out}))
+    main_guard(run)

@@ -1,0 +1,69 @@
+"""A stage killed with SIGKILL mid-run resumes from its newest complete checkpoint and ends with the
+weights of an uninterrupted run; no step is trained twice or skipped."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli, write_recipe
+
+RECIPE = """
+name: resume
+output_dir: {out}
+model: tiny
+max_seq_length: 48
+datasets:
+  A: {{source: kvr, num_examples: 40}}
+eval: {{batch_size: 40}}
+stage1: {{data: A, finetune: full, stop: fixed, epochs: 5, lr: 3.0e-3, global_batch_size: 8,
+          save_every: 2, keep_checkpoints: 2}}
+variants:
+  - name: full
+"""
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(out=tmp_path / "unused"))
+    # the uninterrupted reference
+    ref = run_cli([sys.executable, "launch/stage1.py", "--config", str(recipe), f"output_dir={tmp_path / 'a'}"])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out_b = tmp_path / "b"
+    stage_b = out_b / "full" / "stage1"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "launch/stage1.py", "--config", str(recipe), f"output_dir={out_b}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    target = stage_b / "checkpoints" / "step12" / "COMPLETE.json"
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), "the run ended before its checkpoint at step 12"
+    assert not (stage_b / "DONE.json").exists()
+    assert not (stage_b / "model").exists()
+    tags = sorted(os.listdir(stage_b / "checkpoints"))
+    assert "step12" in tags and len([t for t in tags if (stage_b / "checkpoints" / t / "COMPLETE.json").exists()]) <= 2
+
+    res = run_cli(cmd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from checkpoint" in res.stderr
+    assert (stage_b / "DONE.json").exists() and not (stage_b / "checkpoints").exists()
+
+    a = load_file(str(tmp_path / "a" / "full" / "stage1" / "model" / "model.safetensors"))
+    b = load_file(str(stage_b / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
+    steps = [json.loads(l)["step"] for l in open(stage_b / "train_log.jsonl") if '"loss"' in l]
+    assert steps == list(range(1, 26))  # 40 / 8 = 5 steps x 5 epochs, each exactly once
+    ref_log = [json.loads(l) for l in open(tmp_path / "a" / "full" / "stage1" / "train_log.jsonl") if '"loss"' in l]
+    res_log = [json.loads(l) for l in open(stage_b / "train_log.jsonl") if '"loss"' in l]
+    for x, y in zip(ref_log, res_log):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["lr"] - y["lr"]) < 1e-12
