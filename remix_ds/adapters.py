@@ -29,6 +29,18 @@ COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 NF4_MODULES = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
 
 
+def local_model_dir(path: str) -> str:
+    """A local directory for a model: the path itself, or the hub cache's snapshot of a hub id."""
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as e:  # offline, unknown id, ...
+        raise ConfigError(f"model {path!r}: not a local directory and not available from the hub ({e}); "
+                          f"download it and give its local path") from None
+
+
 def _adapter_tensors(adapter_dir: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]]:
     cfg = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
     if cfg.get("use_dora"):
@@ -76,12 +88,17 @@ def _shards(base_dir: str):
     raise ConfigError(f"{base_dir}: no safetensors weights (model.safetensors or an index) found")
 
 
-def streaming_merge(base_dir: str, adapter_dir: str, out_dir: str, dtype: Optional[torch.dtype] = None,
+def streaming_merge(base_dir: str, adapter_dir, out_dir: str, dtype: Optional[torch.dtype] = None,
                     nf4: bool = False) -> Dict[str, float]:
     """Merge shard by shard; returns {'merged': n, 'shards': n, 'peak_rss_gib': x}."""
     if not os.path.isdir(base_dir):
         raise ConfigError(f"base {base_dir!r}: not a local model directory")
-    _, pairs = _adapter_tensors(adapter_dir)
+    adapter_dirs = [adapter_dir] if isinstance(adapter_dir, (str, os.PathLike)) else list(adapter_dir)
+    pairs: Dict[str, list] = {}
+    for ad in adapter_dirs:
+        for key, pair in _adapter_tensors(str(ad))[1].items():
+            pairs.setdefault(key, []).append(pair)
+    adapter_dir = str(adapter_dirs[-1])
     files, index = _shards(base_dir)
     merged = 0
 
@@ -97,8 +114,10 @@ def streaming_merge(base_dir: str, adapter_dir: str, out_dir: str, dtype: Option
                     if nf4 and NF4_MODULES.search(key):
                         w = nf4_roundtrip(w)
                     if key in pairs:
-                        a, b, scale = pairs.pop(key)
-                        w = (w.float() + scale * (b.float() @ a.float())).to(target)
+                        acc = w.float()
+                        for a, b, scale in pairs.pop(key):
+                            acc = acc + scale * (b.float() @ a.float())
+                        w = acc.to(target)
                         merged += 1
                     else:
                         w = w.to(target)

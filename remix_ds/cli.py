@@ -109,8 +109,8 @@ def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
 
 
 def eval_main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Greedy-generation exact match of a model (full directory, or "
-                                            "an adapter directory on its base) on a factoid set.")
+    p = argparse.ArgumentParser(description="Accuracy of a model (full directory, or an adapter directory on its "
+                                            "base) on a factoid set: greedy generation (default) or teacher-forced.")
     p.add_argument("--model", required=True, help="model directory, or a PEFT adapter directory")
     p.add_argument("--base", default=None, help="base model for an adapter (default: the adapter's own record)")
     p.add_argument("--data", default=None, help=".json/.jsonl records with prompt (or question) and answer")
@@ -118,6 +118,9 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--dataset", default=None, help="dataset name in the recipe (e.g. A)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--scorer", default="generate", choices=["generate", "teacher-forced"],
+                   help="generate: greedy decoding + answer rules (the study's metric); teacher-forced: one forward "
+                        "pass, exact token match (same verdict as greedy exact token match, much faster)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--out", default=None, help="directory for predictions.jsonl and metrics (rank 0)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -134,7 +137,7 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
         from .data.sources import load_examples
         from .engine import resolve_precision, torch_dtype
         from .errors import ConfigError
-        from .evaluate import evaluate_generation
+        from .evaluate import evaluate
         from .model import load_for_eval, load_tokenizer
 
         if args.data:
@@ -153,9 +156,8 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
         dist.init()
         model = load_for_eval(args.model, torch_dtype(resolve_precision(args.precision)), dist.device(), base=args.base)
         tok = load_tokenizer(args.model)
-        metrics = evaluate_generation(model, tok, examples, batch_size=args.batch_size,
-                                      max_new_tokens=args.max_new_tokens, device=dist.device(), out_dir=args.out,
-                                      name=name)
+        metrics = evaluate(model, tok, examples, scorer=args.scorer, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, device=dist.device(), out_dir=args.out, name=name)
         if dist.is_main():
             print(json.dumps(metrics, indent=2))
     main_guard(run)

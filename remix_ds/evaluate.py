@@ -153,11 +153,9 @@ def evaluate_generation(model, tokenizer, examples: Sequence[Example], *, batch_
         if dist.broadcast_object(_gather_once_fits(model, device)):  # the same choice on every rank
             ctx = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
         n_batches = (len(examples) + w * batch_size - 1) // (w * batch_size)
-    with ctx:
-        gathered_params = not isinstance(ctx, contextlib.nullcontext)
+    with ctx:  # ranks stay in step (same number of generate calls, synced_gpus) whenever the model is ZeRO-3
         token_rows = generate_token_ids(model, tokenizer, [examples[i].prompt for i in mine], batch_size, max_new,
-                                        device, progress=dist.is_main(),
-                                        n_batches=n_batches if not gathered_params else None)
+                                        device, progress=dist.is_main(), n_batches=n_batches)
     preds = [tokenizer.decode(t, skip_special_tokens=True) for t in token_rows]
     gathered = dist.all_gather_object(list(zip(mine, preds)))
     predictions = [""] * len(examples)

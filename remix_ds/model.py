@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,29 +26,59 @@ def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
-def load_for_training(path: str, finetune: str, lora: LoraSpec, ds_config: Dict[str, Any], dtype: torch.dtype
-                      ) -> Tuple[torch.nn.Module, Any]:
+def quantization_config(dtype: torch.dtype, ds_config: Dict[str, Any]):
+    """QLoRA: NF4 with double quantisation; under ZeRO-3 the 4-bit storage dtype equals the compute dtype
+    (so DeepSpeed can partition the packed weights like any other tensor)."""
+    from transformers import BitsAndBytesConfig
+
+    kwargs = {}
+    if zero_stage(ds_config) == 3:
+        kwargs["bnb_4bit_quant_storage"] = dtype
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, **kwargs)
+
+
+def load_for_training(path: str, finetune: str, lora: LoraSpec, ds_config: Dict[str, Any], dtype: torch.dtype,
+                      frozen_adapters: Sequence[str] = ()) -> Tuple[torch.nn.Module, Any]:
     """The model to hand to DeepSpeed, and an object to keep alive while the engine lives.
 
     Under ZeRO-3 the weights are loaded partitioned (``zero.Init`` through HfDeepSpeedConfig), so a
-    large model never materialises whole on one device.
+    large model never materialises whole on one device. ``frozen_adapters`` (earlier stages trained
+    with ``merge: false``) are loaded, kept active and frozen; a new adapter is trained on top.
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     keep = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    kwargs: Dict[str, Any] = {"dtype": dtype}
+    if finetune == "qlora":
+        kwargs["quantization_config"] = quantization_config(dtype, ds_config)
+        if torch.cuda.is_available() and zero_stage(ds_config) != 3:
+            from . import dist
+            kwargs["device_map"] = {"": dist.local_rank()}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
-    if finetune == "lora":
-        from peft import LoraConfig, get_peft_model
+    if finetune in ("lora", "qlora"):
+        from peft import LoraConfig, PeftModel, get_peft_model
 
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none")
-        model = get_peft_model(model, cfg)
+        if frozen_adapters:
+            names = [f"frozen{i}" for i in range(len(frozen_adapters))]
+            model = PeftModel.from_pretrained(model, frozen_adapters[0], adapter_name=names[0], is_trainable=False)
+            for name, adapter in zip(names[1:], frozen_adapters[1:]):
+                model.load_adapter(adapter, adapter_name=name, is_trainable=False)
+            model.add_adapter("default", cfg)
+            model.base_model.set_adapter(names + ["default"])  # all active in the forward pass
+            for n, p in model.named_parameters():
+                p.requires_grad = ".default." in n and "lora_" in n
+        else:
+            model = get_peft_model(model, cfg)
         n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                       for p in model.parameters() if p.requires_grad)
-        log.info("LoRA r=%d alpha=%d on %s: %d trainable parameters", lora.r, lora.alpha,
-                 ",".join(lora.target_modules), n_train)
+        log.info("%s r=%d alpha=%d on %s: %d trainable parameters%s", finetune, lora.r, lora.alpha,
+                 ",".join(lora.target_modules), n_train,
+                 f" (+{len(frozen_adapters)} frozen adapter(s))" if frozen_adapters else "")
     return model, keep
 
 
@@ -59,18 +89,26 @@ def release_zero3(keep: Any) -> None:
         unset_hf_deepspeed_config()
 
 
-def load_for_eval(path: str, dtype: torch.dtype, device: torch.device, base: Optional[str] = None):
-    """A full model directory, or base + adapter (adapter directory at `path`, base from its config)."""
+def load_for_eval(path: str, dtype: torch.dtype, device: torch.device, base: Optional[str] = None,
+                  adapters: Sequence[str] = ()):
+    """A full model directory; or base + adapter (an adapter directory at `path`, its base from its own
+    record unless `base` is given); or `path` as base with a stack of `adapters`, all active."""
     from transformers import AutoModelForCausalLM
 
     if is_adapter_dir(path):
-        from peft import PeftConfig, PeftModel
+        from peft import PeftConfig
 
         base = base or PeftConfig.from_pretrained(path).base_model_name_or_path
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-        model = PeftModel.from_pretrained(model, path)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        path, adapters = base, [path] + list(adapters)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if adapters:
+        from peft import PeftModel
+
+        names = [f"a{i}" for i in range(len(adapters))]
+        model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+        for name, adapter in zip(names[1:], adapters[1:]):
+            model.load_adapter(adapter, adapter_name=name)
+        model.base_model.set_adapter(names)
     return model.to(device).eval()
 
 

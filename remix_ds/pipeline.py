@@ -11,11 +11,12 @@ import torch
 from . import dist
 from .config import Recipe, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
-from .engine import load_ds_config, resolve_precision, torch_dtype, write_json_atomic
+from .engine import load_ds_config, offloads_params, resolve_precision, torch_dtype, write_json_atomic
 from .errors import ConfigError
-from .evaluate import evaluate_generation
+from .evaluate import METRICS_VERSION, check_scorer, evaluate
+from .metrics import is_task_source
 from .model import load_for_eval, load_tokenizer
-from .stage import batch_plan, fingerprint, is_complete, output_model, read_done, stage_dir, train_stage
+from .stage import batch_plan, fingerprint, is_complete, output_model, stage_output, read_done, stage_dir, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -31,49 +32,82 @@ def check_recipe(recipe: Recipe, variants: List[Variant]) -> None:
         for k, spec in enumerate(v.stages, 1):
             where = f"variant {v.name}, stage{k}"
             try:
-                load_ds_config(spec.ds_config or recipe.ds_config)
+                ds_cfg = load_ds_config(spec.ds_config or recipe.ds_config)
                 batch_plan(dist.world_size(), spec.global_batch_size, spec.micro_batch_size)
                 stage_train_set(recipe, spec, k)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
-            if spec.finetune == "qlora":
-                raise ConfigError(f"{where}: finetune: qlora is not available yet (use full or lora)")
-            if spec.finetune == "lora" and not spec.merge:
-                raise ConfigError(f"{where}: merge: false is not available yet; use merge: true")
+            check_combination(spec, ds_cfg, v.stages[k] if k < len(v.stages) else None, where)
     looks_local = recipe.model.startswith(("/", "./", "../", "~"))
     if looks_local and not os.path.isdir(os.path.expanduser(recipe.model)):
         raise ConfigError(f"model {recipe.model!r}: directory not found")
 
 
-def eval_after_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Dict[str, Any]]:
-    """Generation exact match of every factoid dataset of stages 1..k on stage k's output model."""
-    d = stage_dir(recipe, variant, k) / "eval"
-    h = stage_hash(fingerprint(recipe, variant, k))
-    keys = []
+def check_combination(spec, ds_cfg: Dict[str, Any], next_spec, where: str) -> None:
+    """Refuse, before training, the combinations DeepSpeed, PEFT or bitsandbytes cannot run."""
+    if spec.finetune == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{where}: finetune: qlora needs bitsandbytes (pip install bitsandbytes)") from None
+        if offloads_params(ds_cfg):
+            raise ConfigError(f"{where}: finetune: qlora cannot run with ZeRO-3 parameter offload "
+                              f"(4-bit weights cannot be offloaded to CPU by DeepSpeed); use zero3 or zero2")
+    if spec.finetune == "full" and not spec.merge:
+        raise ConfigError(f"{where}: merge: false only applies to lora / qlora stages")
+    if spec.finetune != "full" and not spec.merge and next_spec is not None and next_spec.finetune == "full":
+        raise ConfigError(f"{where}: merge: false keeps the adapter for a LoRA stage after it, but the next "
+                          f"stage is full fine-tuning; use merge: true")
+
+
+def eval_keys(recipe: Recipe, variant: Variant, k: int) -> List[str]:
+    """Datasets scored after stage k: every factoid dataset of stages 1..k, and GSM8K / MATH sets (scored
+    by their final answer) even though they are not factoid."""
+    keys: List[str] = []
     for j in range(1, k + 1):
         key = variant.stages[j - 1].data
-        if key not in keys and is_factoid(recipe, key):
+        if key not in keys and (is_factoid(recipe, key) or is_task_source(recipe.datasets[key].source)):
             keys.append(key)
+    return keys
+
+
+def _eval_is_current(prev: Optional[Dict[str, Any]], h: str, recipe: Recipe, scorer: str) -> bool:
+    return bool(prev) and prev.get("hash") == h and prev.get("batch_size") == recipe.eval.batch_size \
+        and prev.get("requested_scorer", prev.get("scorer")) == scorer \
+        and prev.get("metrics_version") == METRICS_VERSION \
+        and prev.get("requested_max_new_tokens") == recipe.eval.max_new_tokens
+
+
+def eval_after_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Dict[str, Any]]:
+    """Score every dataset of stages 1..k (see ``eval_keys``) on stage k's output model.
+
+    ``eval.scorer``: ``generate`` (greedy generation, the study's metric; the default) or
+    ``teacher-forced`` (one forward pass per batch, exact token match). Results are cached in
+    ``stage<k>/eval/<key>.json`` and reused while the stage, the scorer and the eval settings are unchanged.
+    """
+    d = stage_dir(recipe, variant, k) / "eval"
+    h = stage_hash(fingerprint(recipe, variant, k))
+    scorer = check_scorer(getattr(recipe.eval, "scorer", "generate"))
     results: Dict[str, Dict[str, Any]] = {}
     todo = []
-    for key in keys:
+    for key in eval_keys(recipe, variant, k):
         prev = _read_json(d / f"{key}.json")
-        if prev and prev.get("hash") == h and prev.get("batch_size") == recipe.eval.batch_size:
+        if _eval_is_current(prev, h, recipe, scorer):
             results[key] = prev
         else:
             todo.append(key)
     todo = dist.broadcast_object(todo)
     if todo:
-        path = output_model(recipe, variant, k)
+        path, adapters = stage_output(recipe, variant, k)
         dtype = torch_dtype(resolve_precision(recipe.precision))
-        model = load_for_eval(path, dtype, dist.device())
+        model = load_for_eval(path, dtype, dist.device(), adapters=adapters)
         tok = load_tokenizer(path)
         for key in todo:
-            metrics = evaluate_generation(model, tok, dataset_examples(recipe, key),
-                                          batch_size=recipe.eval.batch_size,
-                                          max_new_tokens=recipe.eval.max_new_tokens, device=dist.device(),
-                                          out_dir=str(d), name=key)
-            metrics.update({"hash": h, "batch_size": recipe.eval.batch_size, "model": path})
+            metrics = evaluate(model, tok, dataset_examples(recipe, key), scorer=scorer,
+                               batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+                               device=dist.device(), out_dir=str(d), name=key)
+            metrics.update({"hash": h, "batch_size": recipe.eval.batch_size, "model": path,
+                            "requested_scorer": scorer, "requested_max_new_tokens": recipe.eval.max_new_tokens})
             results[key] = metrics
             if dist.is_main():
                 d.mkdir(parents=True, exist_ok=True)
@@ -111,23 +145,54 @@ def run_stage(recipe: Recipe, variant: Variant, k: int, evaluate: bool = True) -
     return result
 
 
+EVAL_DETAIL_KEYS = ("n", "scorer", "accuracy", "accuracy_metric", "exact_match", "alias_exact_match", "rouge_l",
+                    "seconds")
+
+
+def _accuracy(metrics: Dict[str, Any]) -> Optional[float]:
+    """The study's accuracy of one eval result (older results have only exact_match)."""
+    return metrics.get("accuracy", metrics.get("exact_match"))
+
+
 def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One report row: modes and mixing per stage, D_A accuracy after every stage, each later dataset's
+    accuracy after its own stage, forgetting, epochs and wall time per stage; ``stages`` holds the details
+    (every dataset's metrics after every stage) for report.json."""
     row: Dict[str, Any] = {"name": variant.name}
     n = len(variant.stages)
+    letters = {}
+    for j, spec in enumerate(variant.stages, 1):
+        letters.setdefault(spec.data, dataset_letter(j))
     for k, spec in enumerate(variant.stages, 1):
         row[f"finetune_stage{k}"] = spec.finetune + (f"(r={spec.lora.r})" if spec.finetune != "full" else "")
         row[f"mix_stage{k}"] = f"{spec.mix.source}:{spec.mix.ratio:g}" if spec.mix and spec.mix.ratio > 0 else "none"
+    stages = []
     for k, res in enumerate(results, 1):
+        spec = variant.stages[k - 1]
+        ev = res.get("eval", {})
         for j in range(1, k + 1):
             key = variant.stages[j - 1].data
-            if key in res.get("eval", {}):
-                row[f"acc_{dataset_letter(j)}_after_stage{k}"] = res["eval"][key]["exact_match"]
+            if key in ev and letters[key] == dataset_letter(j):
+                row[f"acc_{dataset_letter(j)}_after_stage{k}"] = _accuracy(ev[key])
+                row[f"n_{dataset_letter(j)}"] = ev[key].get("n")
         s = res["summary"]
         row[f"epochs_stage{k}"] = s["epochs"]
         row[f"stopped_by_stage{k}"] = s["stopped_by"]
         row[f"train_seconds_stage{k}"] = s["train_seconds"]
+        row[f"eval_seconds_stage{k}"] = round(sum(m.get("seconds") or 0.0 for m in ev.values()), 3) if ev else None
+        stages.append({"stage": k, "data": spec.data, "finetune": spec.finetune,
+                       "lora_r": spec.lora.r if spec.finetune != "full" else None,
+                       "mix": row[f"mix_stage{k}"], "epochs": s["epochs"], "stopped_by": s["stopped_by"],
+                       "train_seconds": s["train_seconds"], "n_data": s.get("n_data"), "n_mix": s.get("n_mix"),
+                       "n_dropped": s.get("n_dropped"),
+                       "eval": {key: {"dataset": letters.get(key, key),
+                                      **{m: v for m, v in metrics.items() if m in EVAL_DETAIL_KEYS}}
+                                for key, metrics in ev.items()}})
+    scorers = sorted({m.get("scorer", "generate") for st in stages for m in st["eval"].values()})
+    row["scorer"] = "+".join(scorers) if scorers else None
     a1, an = row.get("acc_A_after_stage1"), row.get(f"acc_A_after_stage{n}")
     row["forgetting"] = (a1 - an) if a1 is not None and an is not None and n > 1 else None
+    row["stages"] = stages
     return row
 
 

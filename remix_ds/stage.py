@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -32,7 +32,8 @@ from .engine import (Engine, load_ds_config, resolve_ds_config, resolve_precisio
                      write_json_atomic)
 from .errors import ConfigError
 from .evaluate import teacher_forced_accuracy
-from .model import load_for_training, load_tokenizer, merge_adapter, release_zero3
+from .adapters import local_model_dir, streaming_merge
+from .model import load_for_training, load_tokenizer, release_zero3
 from .tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,32 @@ def stage_dir(recipe: Recipe, variant: Variant, k: int) -> Path:
     return Path(recipe.output_dir) / variant.name / f"stage{k}"
 
 
-def output_model(recipe: Recipe, variant: Variant, k: int) -> str:
-    """The model that stage k hands on (to stage k+1 and to evaluation)."""
+def stage_output(recipe: Recipe, variant: Variant, k: int) -> Tuple[str, List[str]]:
+    """(model directory, adapters kept active on it) that stage k hands on to stage k+1 and evaluation."""
+    spec = variant.stages[k - 1]
     d = stage_dir(recipe, variant, k)
-    return str(d / ("model" if variant.stages[k - 1].finetune == "full" else "merged"))
+    if spec.finetune == "full":
+        return str(d / "model"), []
+    if spec.merge:
+        return str(d / "merged"), []
+    base, adapters = stage_input(recipe, variant, k)
+    return base, adapters + [str(d / "adapter")]
+
+
+def stage_input(recipe: Recipe, variant: Variant, k: int) -> Tuple[str, List[str]]:
+    if k == 1:
+        return resolve_model_path(recipe.model, recipe.tiny), []
+    return stage_output(recipe, variant, k - 1)
+
+
+def output_model(recipe: Recipe, variant: Variant, k: int) -> str:
+    """The directory stage k writes last (the merged or full model, or the unmerged adapter)."""
+    base, adapters = stage_output(recipe, variant, k)
+    return adapters[-1] if adapters else base
 
 
 def input_model(recipe: Recipe, variant: Variant, k: int) -> str:
-    if k == 1:
-        return resolve_model_path(recipe.model, recipe.tiny)
-    return output_model(recipe, variant, k - 1)
+    return stage_input(recipe, variant, k)[0]
 
 
 def fingerprint(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
@@ -206,7 +223,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
             shutil.rmtree(p) if p.is_dir() else (p.unlink() if p.exists() else None)
     dist.barrier()
 
-    base = input_model(recipe, variant, k)
+    base, frozen = stage_input(recipe, variant, k)
     tok = load_tokenizer(base)
     pad = pad_id_of(tok)
     data, train = stage_train_set(recipe, spec, k)
@@ -240,7 +257,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     if dist.is_main():
         import dataclasses
         write_json_atomic(str(out / "config.json"), {
-            "variant": variant.name, "stage": k, "hash": h, "base_model": base, "world_size": world,
+            "variant": variant.name, "stage": k, "hash": h, "base_model": base, "frozen_adapters": frozen,
+            "world_size": world,
             "precision": precision, "micro_batch_size": micro, "gradient_accumulation_steps": gas,
             "steps_per_epoch": steps_per_epoch, "spec": dataclasses.asdict(spec), "ds_config": ds_cfg,
             "n_data": len(data), "n_mix": n_mix, "n_dropped": dropped})
@@ -250,7 +268,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                  micro, gas, world)
 
     torch.manual_seed(recipe.seed * 7 + k)  # adapter initialisation (and any dropout) is reproducible
-    model, keep = load_for_training(base, spec.finetune, spec.lora, ds_cfg, dtype)
+    model, keep = load_for_training(base, spec.finetune, spec.lora, ds_cfg, dtype, frozen_adapters=frozen)
     eng = Engine(model, ds_cfg, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
                  total_steps=total_steps, warmup_ratio=spec.warmup_ratio)
     state = {"step": 0, "epoch": 0, "s": 0, "below": 0, "accs": {}, "last_loss": float("nan"), "t": 0.0}
@@ -354,9 +372,13 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     eng.close()
     del model, eng
     release_zero3(keep)
-    if spec.finetune != "full":
+    if spec.finetune != "full" and spec.merge:
         if dist.is_main():
-            merge_adapter(base, str(out / "adapter"), str(out / "merged"), dtype=save_dtype)
+            # shard by shard on CPU; a QLoRA adapter goes into the NF4-dequantised 16-bit weights
+            stats = streaming_merge(local_model_dir(base), frozen + [str(out / "adapter")], str(out / "merged"),
+                                    dtype=save_dtype, nf4=spec.finetune == "qlora")
+            log.info("%s/stage%d: merged %d adapted weights into %s (peak RSS %.2f GiB)", variant.name, k,
+                     stats["merged"], out / "merged", stats["peak_rss_gib"])
         dist.barrier()
 
     summary = {"variant": variant.name, "stage": k, "finetune": spec.finetune, "epochs": epochs_run,
