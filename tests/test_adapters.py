@@ -1,0 +1,174 @@
+"""Exactness of merging (fp32, CPU), stacked adapters, QLoRA, and the refused combinations."""
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, write_recipe
+from remix_ds.adapters import streaming_merge
+from remix_ds.model import load_for_eval, merge_adapter
+
+CPU = torch.device("cpu")
+
+
+def make_adapter(base_dir, out_dir, seed, r=4, targets=("q_proj", "v_proj", "down_proj")):
+    """A LoRA adapter with non-zero A and B (as after training), saved in PEFT's layout."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.05)
+    model.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.tensor([[0, 3, 10, 57, 99, 123, 200, 17, 5], [0, 4, 11, 33, 91, 7, 8, 9, 250]])
+
+
+def test_streaming_merge_equals_merge_and_unload_and_base_plus_adapter(tiny_dir, tmp_path):
+    adapter = make_adapter(tiny_dir, tmp_path / "ad", seed=1)
+    stats = streaming_merge(tiny_dir, adapter, str(tmp_path / "stream"))
+    assert stats["merged"] == 3 * 2 and stats["peak_rss_gib"] > 0
+    merge_adapter(tiny_dir, adapter, str(tmp_path / "peft"))
+    a = load_file(str(tmp_path / "stream" / "model.safetensors"))
+    b = load_file(str(tmp_path / "peft" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    base = load_file(f"{tiny_dir}/model.safetensors")
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    merged = load_for_eval(str(tmp_path / "stream"), torch.float32, CPU)
+    with_adapter = load_for_eval(adapter, torch.float32, CPU, base=tiny_dir)
+    torch.testing.assert_close(logits(merged, IDS), logits(with_adapter, IDS), atol=1e-4, rtol=0)
+
+
+def test_stacked_adapters_merge_equals_both_active(tiny_dir, tmp_path):
+    a1 = make_adapter(tiny_dir, tmp_path / "a1", seed=2)
+    a2 = make_adapter(tiny_dir, tmp_path / "a2", seed=3, targets=("q_proj", "o_proj"))
+    streaming_merge(tiny_dir, [a1, a2], str(tmp_path / "m"))
+    merged = load_for_eval(str(tmp_path / "m"), torch.float32, CPU)
+    stacked = load_for_eval(tiny_dir, torch.float32, CPU, adapters=[a1, a2])
+    only_first = load_for_eval(tiny_dir, torch.float32, CPU, adapters=[a1])
+    torch.testing.assert_close(logits(merged, IDS), logits(stacked, IDS), atol=1e-4, rtol=0)
+    assert (logits(stacked, IDS) - logits(only_first, IDS)).abs().max() > 1e-3  # both really are active
+
+
+def test_qlora_adapter_merges_into_dequantized_weights(tiny_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    adapter = make_adapter(tiny_dir, tmp_path / "q", seed=4)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    base4 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, quantization_config=q)
+    trained_fn = PeftModel.from_pretrained(base4, adapter).eval()
+    streaming_merge(tiny_dir, adapter, str(tmp_path / "m16"), dtype=torch.float32, nf4=True)
+    merged = load_for_eval(str(tmp_path / "m16"), torch.float32, CPU)
+    cfg = json.load(open(tmp_path / "m16" / "config.json"))
+    assert "quantization_config" not in cfg  # a plain 16/32-bit model, not 4-bit weights
+    ref = logits(trained_fn, IDS)
+    torch.testing.assert_close(logits(merged, IDS), ref, atol=1e-4, rtol=0)
+    streaming_merge(tiny_dir, adapter, str(tmp_path / "plain"), dtype=torch.float32, nf4=False)
+    plain = load_for_eval(str(tmp_path / "plain"), torch.float32, CPU)
+    assert (logits(plain, IDS) - ref).abs().max() > 1e-3  # merging into the unquantised base would differ
+
+
+COMBO = """
+name: combo
+output_dir: {out}
+model: tiny
+max_seq_length: 48
+datasets:
+  A: {{source: kvr, num_examples: 16}}
+  B: {{source: kvrB, num_examples: 16}}
+eval: {{batch_size: 16}}
+stage1: {{data: A, finetune: full, stop: fixed, epochs: 1, lr: 3.0e-3, global_batch_size: 8, probe: true,
+          lora: {{r: 8, alpha: 16}}}}
+stage2: {{data: B, finetune: full, stop: fixed, epochs: 1, lr: 3.0e-3, global_batch_size: 8, probe: true,
+          lora: {{r: 8, alpha: 16}}}}
+variants:
+  - name: full-lora
+    stage2: {{finetune: lora}}
+  - name: lora-full
+    stage1: {{finetune: lora}}
+  - name: stacked
+    stage1: {{finetune: lora, merge: false}}
+    stage2: {{finetune: lora, merge: false}}
+  - name: qlora-qlora
+    stage1: {{finetune: qlora}}
+    stage2: {{finetune: qlora}}
+"""
+
+
+@pytest.fixture(scope="module")
+def combo(tmp_path_factory, tiny_dir):
+    tmp = tmp_path_factory.mktemp("combo")
+    recipe = write_recipe(tmp / "r.yaml", COMBO.format(out=tmp / "run"))
+    res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe)])
+    assert res.returncode == 0, res.stderr[-4000:]
+    return tmp / "run"
+
+
+def test_every_mode_combination_runs_and_is_reported(combo):
+    report = json.load(open(combo / "report.json"))
+    modes = {v["name"]: (v["finetune_stage1"], v["finetune_stage2"]) for v in report["variants"]}
+    assert modes == {"full-lora": ("full", "lora(r=8)"), "lora-full": ("lora(r=8)", "full"),
+                     "stacked": ("lora(r=8)", "lora(r=8)"), "qlora-qlora": ("qlora(r=8)", "qlora(r=8)")}
+    assert not (combo / "stacked" / "stage1" / "merged").exists()      # merge: false keeps the adapter
+    cfg2 = json.load(open(combo / "stacked" / "stage2" / "config.json"))
+    assert cfg2["frozen_adapters"] == [str(combo / "stacked" / "stage1" / "adapter")]
+
+
+def test_stacked_adapters_reload_to_training_logits(combo):
+    d = combo / "stacked" / "stage2"
+    cfg = json.load(open(d / "config.json"))
+    probe = torch.load(d / "probe_logits.pt")
+    model = load_for_eval(cfg["base_model"], torch.float32, CPU, adapters=cfg["frozen_adapters"] + [str(d / "adapter")])
+    b = probe["batch"]
+    got = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.detach()
+    mask = b["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], probe["logits"][mask], atol=1e-4, rtol=1e-4)
+
+
+def test_qlora_stage_reloads_to_training_logits_and_merges(combo):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    d = combo / "qlora-qlora" / "stage2"
+    cfg = json.load(open(d / "config.json"))
+    probe = torch.load(d / "probe_logits.pt")
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    base4 = AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=torch.float32, quantization_config=q)
+    model = PeftModel.from_pretrained(base4, str(d / "adapter")).eval()
+    merged = load_for_eval(str(d / "merged"), torch.float32, CPU)
+    b = probe["batch"]
+    mask = b["attention_mask"].bool()
+    for m in (model, merged):
+        got = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.detach()
+        torch.testing.assert_close(got[mask], probe["logits"][mask], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("variants.0.stage2.ds_config=zero3_offload", "cannot run with ZeRO-3 parameter offload"),
+    ("variants.1.stage1.merge=false", "the next stage is full fine-tuning"),
+])
+def test_impossible_combinations_are_refused_before_training(tmp_path, override, needle):
+    text = COMBO.format(out=tmp_path / "run").replace("stage2: {finetune: lora}", "stage2: {finetune: qlora}", 1)
+    assert "finetune: qlora}" in text
+    recipe = write_recipe(tmp_path / "r.yaml", text)
+    res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe), override])
+    assert res.returncode == 2 and needle in res.stderr, res.stderr[-2000:]
+    assert not list((tmp_path / "run").rglob("DONE.json"))
