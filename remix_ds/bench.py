@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -719,7 +719,8 @@ class Bench:
     def run_eval(self) -> None:
         from .data.kvr import kvr_examples
         from .engine import torch_dtype
-        from .evaluate import default_max_new_tokens, encode_for_scoring, generate, teacher_forced_correct
+        from .evaluate import (default_max_new_tokens, encode_for_scoring, generate, model_logits_fn,
+                               teacher_forced_correct)
         from .model import load_for_eval
 
         a = self.args
@@ -734,10 +735,7 @@ class Bench:
                 prompts = [ex.prompt for ex in examples]
                 max_new = default_max_new_tokens(self.tok, examples)
                 enc = encode_for_scoring(self.tok, examples)
-
-                def logits_fn(batch):
-                    return model(input_ids=batch["input_ids"].to(self.device),
-                                 attention_mask=batch["attention_mask"].to(self.device), use_cache=False).logits
+                logits_fn = model_logits_fn(model, self.device)
                 generate(model, self.tok, prompts[:a.batch], a.batch, max_new, self.device)       # warm-up
                 teacher_forced_correct(logits_fn, enc[:a.batch], a.batch, self.pad)
                 _sync(self.device)
@@ -814,23 +812,24 @@ class Bench:
         try:
             case = RemixCase(self.path, a.padding_mode, self.lora, a.padding_config, self.precision, G,
                              3 * n_steps, self.pad)
-            eng = case.eng
 
             class Naive(TrainCase):
-                def __init__(self, pad_to: Optional[int]):
-                    self.pad_to = pad_to
+                """A naive loop on the same engine: one padded micro-batch, then the optimizer step."""
 
-                def step(self, chunk) -> torch.Tensor:   # one padded micro-batch, then the optimizer step
-                    batch = collate(chunk, case.pad, pad_to=self.pad_to)
+                def __init__(self, remix: RemixCase, pad_to: Optional[int]):
+                    self.remix, self.pad_to = remix, pad_to
+
+                def step(self, chunk) -> torch.Tensor:
+                    batch = collate(chunk, self.remix.pad, pad_to=self.pad_to)
                     n_tok = sum(e.num_answer_tokens for e in chunk)
                     self.processed_tokens += batch["input_ids"].numel()
-                    loss = case.raw_micro_step(batch, 1.0 / n_tok)   # not counted as the stage's
-                    eng.step()
+                    loss = self.remix.raw_micro_step(batch, 1.0 / n_tok)   # not counted as the stage's
+                    self.remix.eng.step()
                     return loss
 
-            runs = [("naive_max_length", Naive(max_seq), naive_batches,
+            runs = [("naive_max_length", Naive(case, max_seq), naive_batches,
                      f"random batches, every sequence padded to max_seq_length={max_seq}"),
-                    ("naive_longest", Naive(None), naive_batches,
+                    ("naive_longest", Naive(case, None), naive_batches,
                      "random batches, padded to the longest sequence of the batch"),
                     ("remix_ds", case, remix_batches, f"the stage's batching ({how} + stage.global_step)")]
             if any(len(batches) < 1 for _, _, batches, _ in runs):

@@ -1,4 +1,4 @@
-"""Two CPU processes under the real `deepspeed` launcher and ZeRO-3, full and LoRA.
+"""Two CPU processes under the real `deepspeed` launcher and ZeRO-3: full, LoRA and QLoRA.
 
 Checks that the saved weights are complete (every tensor full-sized, not a ZeRO-3 placeholder) and
 that they reload, with `from_pretrained` / PEFT, to the logits the engine produced in training.
@@ -30,6 +30,9 @@ variants:
   - name: lora
     stage1: {{finetune: lora, lora: {{r: 8, alpha: 16}}}}
     stage2: {{finetune: lora, lora: {{r: 8, alpha: 16}}}}
+  - name: qlora
+    stage1: {{finetune: qlora, lora: {{r: 8, alpha: 16}}}}
+    stage2: {{finetune: qlora, lora: {{r: 8, alpha: 16}}}}
 """
 
 
@@ -55,7 +58,7 @@ def _check_complete(model_dir, config):
     return sd
 
 
-@pytest.mark.parametrize("variant", ["full", "lora"])
+@pytest.mark.parametrize("variant", ["full", "lora", "qlora"])
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero3_saved_weights_reload_to_training_logits(z3run, tiny_dir, variant, stage):
     from remix_ds.model import load_for_eval
@@ -76,8 +79,18 @@ def test_zero3_saved_weights_reload_to_training_logits(z3run, tiny_dir, variant,
         assert all(t.numel() > 0 for t in adapter.values())
         assert all(t.shape[0] == 8 for k, t in adapter.items() if "lora_A" in k)
         _check_complete(d / "merged", json.load(open(d / "merged" / "config.json")))
-        reloaded = [load_for_eval(str(d / "adapter"), torch.float32, torch.device("cpu"), base=base),
-                    load_for_eval(str(d / "merged"), torch.float32, torch.device("cpu"))]
+        if variant == "lora":
+            reloaded = [load_for_eval(str(d / "adapter"), torch.float32, torch.device("cpu"), base=base),
+                        load_for_eval(str(d / "merged"), torch.float32, torch.device("cpu"))]
+        else:  # the 4-bit base + adapter the engine trained, and the merge into its dequantised weights
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+            base4 = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=q)
+            reloaded = [PeftModel.from_pretrained(base4, str(d / "adapter")).eval(),
+                        load_for_eval(str(d / "merged"), torch.float32, torch.device("cpu"))]
     batch = probe["batch"]
     for model in reloaded:
         with torch.no_grad():
@@ -90,7 +103,7 @@ def test_zero3_pipeline_report(z3run):
     out, res = z3run
     report = json.load(open(out / "report.json"))
     assert report["world_size"] == 2
-    assert {v["name"] for v in report["variants"]} == {"full", "lora"}
+    assert {v["name"] for v in report["variants"]} == {"full", "lora", "qlora"}
     for v in report["variants"]:
         assert 0.0 <= v["acc_A_after_stage2"] <= 1.0
     # evaluation split across the two ranks and gathered: every example scored once

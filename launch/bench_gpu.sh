@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU benchmark of docs/benchmarks.md, as one prepared run for a single-GPU machine with no network.
+#
+# Needs: python3 with torch (CUDA), transformers, peft, accelerate, safetensors, tokenizers, filelock, pyyaml,
+# tqdm, psutil; and deepspeed, pydantic (+ pydantic_core, annotated-types, typing-inspection), hjson and
+# english-words, which a machine without network gets as wheels unpacked to a folder on PYTHONPATH beforehand:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site
+# Nothing is downloaded: the Llama-3.2-1B and Llama-3-8B shapes get random bf16 weights written locally
+# (about 2.5 GB and 16 GB under $REMIX_DS_CACHE) with the tiny model's locally trained tokenizer.
+#
+# Runs (batch 64 x 64 tokens, bf16, 3 warm-up + 10 timed steps per case; the plain loop of each mode is
+# timed in the same process, right before the DeepSpeed configs it is compared with):
+#   1. llama-1b: full fine-tuning, plain vs ZeRO-2 vs ZeRO-3; padding comparison (naive vs the stage's batching)
+#   2. llama-8b: generation vs teacher-forced scoring; LoRA r=16 on all linear layers, plain vs ZeRO-2 vs ZeRO-3
+#   3. only with BENCH_QLORA=1: llama-8b QLoRA (NF4) r=16, plain vs ZeRO-2 (adds about 2 minutes)
+# Expected: about 4 to 5 minutes on one H100/H200 (much of it writing and loading the 8B weights). Each part has
+# its own time limit (150 s and 300 s; 180 s more for QLoRA), so that a hang cannot lose the other parts' results.
+#
+# Results: JSON lines appended to $OUT/bench.jsonl when OUT is set (else runs/bench.jsonl), the console log
+# beside them (bench_gpu.log). Optional: BENCH_QLORA=1 adds part 3 (needs bitsandbytes); BENCH_OFFLOAD=1 adds
+# full:zero2_offload on the 1B shape (CPU AdamW, slower); BENCH_STEPS / BENCH_WARMUP change the step counts.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+RESULTS_DIR=${OUT:-runs}
+mkdir -p "$RESULTS_DIR"
+RESULTS="$RESULTS_DIR/bench.jsonl"
+LOG="$RESULTS_DIR/bench_gpu.log"
+export REMIX_DS_CACHE=${REMIX_DS_CACHE:-/tmp/remix_ds_cache}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+PY=${PYTHON:-python3}
+STEPS=${BENCH_STEPS:-10}
+WARMUP=${BENCH_WARMUP:-3}
+COMMON=(--batch 64 --seq 64 --warmup "$WARMUP" --steps "$STEPS" --precision bf16 --lora-r 16 --out "$RESULTS")
+
+exec > >(tee -a "$LOG") 2>&1
+echo "== launch/bench_gpu.sh $(date -u +%FT%TZ) on $(hostname)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if ! "$PY" - <<'EOF'
+import importlib.metadata as md
+import torch
+assert torch.cuda.is_available(), "no CUDA device visible to torch"
+for name in ("torch", "transformers", "peft", "accelerate", "deepspeed", "pydantic", "hjson", "english-words"):
+    print(f"  {name} {md.version(name)}")
+import deepspeed, peft, english_words  # noqa: F401  (fail here, not in the middle of the run)
+EOF
+then
+    echo "bench_gpu.sh: missing packages (unpack the wheels to PYTHONPATH first: see the top of this script)"
+    exit 2
+fi
+df -h "${REMIX_DS_CACHE%/*}" 2>/dev/null | tail -1 || true
+
+status=0
+run() {  # run LIMIT_SECONDS ARGS...: one bench process under its own time limit
+    local limit=$1
+    shift
+    echo "== $(date -u +%T) launch/bench.py $*"
+    local t0=$SECONDS
+    timeout --signal=TERM --kill-after=20 "$limit" "$PY" launch/bench.py "$@" "${COMMON[@]}"
+    local rc=$?
+    echo "== exit $rc after $((SECONDS - t0)) s"
+    [ $rc -ne 0 ] && status=1
+    return 0
+}
+
+CASES_1B="full:zero2,full:zero3,padding"
+[ "${BENCH_OFFLOAD:-0}" = 1 ] && CASES_1B="full:zero2,full:zero3,full:zero2_offload,padding"
+run 150 --shape llama-1b --cases "$CASES_1B" --padding-mode full --padding-config zero2
+run 300 --shape llama-8b --cases eval,lora:zero2,lora:zero3
+[ "${BENCH_QLORA:-0}" = 1 ] && run 180 --shape llama-8b --cases qlora:zero2
+
+echo "== done in $SECONDS s; results in $RESULTS"
+exit $status

@@ -1,0 +1,45 @@
+"""launch/bench.py on the tiny model (CPU): the stage step against the plain loop, evaluation, padding."""
+import json
+import sys
+
+from conftest import run_cli
+
+COMMON = {"bench_version", "run_id", "time", "shape", "precision", "batch", "seq", "world_size", "bench", "case",
+          "status", "env"}
+TRAIN = {"mode", "impl", "steps", "warmup", "seconds", "step_time_s", "tokens_per_s", "padfree_tokens_per_s",
+         "processed_tokens", "padfree_tokens", "peak_mem_gib", "mem_metric", "setup_s"}
+POSITIVE = ("seconds", "step_time_s", "tokens_per_s", "padfree_tokens_per_s", "processed_tokens", "padfree_tokens",
+            "peak_mem_gib")
+
+
+def test_bench_tiny_full_and_lora_zero2(tmp_path, tiny_dir):
+    out = tmp_path / "bench.jsonl"
+    res = run_cli([sys.executable, "launch/bench.py", "--shape", "tiny", "--cases", "full:zero2,lora:zero2,eval",
+                   "--steps", "2", "--warmup", "1", "--batch", "16", "--seq", "32", "--out", str(out)], timeout=600)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["status"] == "ok" for r in recs), [(r["case"], r.get("reason")) for r in recs]
+    train = {(r["case"], r.get("paired_with")): r for r in recs if r["bench"] == "train"}
+    assert set(train) == {("full:plain", "zero2"), ("full:zero2", None), ("lora:plain", "zero2"), ("lora:zero2", None)}
+    for r in train.values():
+        assert COMMON | TRAIN <= set(r), sorted(COMMON | TRAIN - set(r))
+        assert r["shape"] == "tiny" and r["batch"] == 16 and r["seq"] == 32 and r["steps"] == 2
+        for k in POSITIVE:
+            assert r[k] > 0, (r["case"], k, r[k])
+        # fixed-length batches: no padding, and 2 steps x 16 x 32 tokens were processed
+        assert r["processed_tokens"] == r["padfree_tokens"] == 2 * 16 * 32
+    for case in ("full:zero2", "lora:zero2"):
+        r = train[(case, None)]
+        assert r["impl"] == "remix_ds" and r["zero_stage"] == 2 and r["ds_config"] == "zero2"
+        assert r["ratio_tokens_per_s"] > 0 and isinstance(r["meets_target"], bool)
+    (ev,) = [r for r in recs if r["bench"] == "eval"]
+    assert ev["generate_questions_per_s"] > 0 and ev["teacher_forced_questions_per_s"] > 0 and ev["ratio"] > 0
+    assert "ratio" in res.stdout and "full:zero2" in res.stdout
+
+
+def test_bench_cases_parse():
+    from remix_ds.bench import parse_cases
+
+    plan = parse_cases("eval,full:zero2,lora,qlora:plain,full:zero3_offload,padding")
+    assert plan == [("eval", []), ("full", ["zero2", "zero3_offload"]), ("lora", ["zero2", "zero3"]),
+                    ("qlora", ["plain"]), ("padding", [])]
