@@ -49,6 +49,8 @@ def main_guard(fn) -> None:
     """Run fn(); print RemixError messages without a traceback and exit non-zero."""
     try:
         fn()
+        from . import dist
+        dist.shutdown()
     except RemixError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

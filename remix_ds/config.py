@@ -103,8 +103,8 @@ class TinySpec:
     num_heads: int = 4
     num_kv_heads: int = 2
     vocab_size: int = 512
-    pretrain_pairs: int = 200
-    pretrain_steps: int = 350
+    pretrain_pairs: int = 300
+    pretrain_steps: int = 600
     seed: int = 0
 
 

@@ -37,6 +37,13 @@ def init() -> None:
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
+def shutdown() -> None:
+    """Tear the process group down (NCCL warns and may hang at exit otherwise)."""
+    if is_initialized():
+        barrier()
+        tdist.destroy_process_group()
+
+
 def is_initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
 

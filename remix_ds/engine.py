@@ -125,6 +125,7 @@ def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: in
         # A client torch optimizer steps the offloaded fp32 partitions on the CPU.
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     cfg.setdefault("zero_allow_untested_optimizer", True)
+    cfg = effective_zero_stage(cfg, world)
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
         raise ConfigError(f"{src}: cannot resolve \"auto\" for {', '.join(leftover)}")
@@ -156,6 +157,45 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
+class AnswerLoss(torch.nn.Module):
+    """The causal LM with its output layer applied only where it is needed.
+
+    With labels, the decoder runs over the whole batch but the LM head and the cross-entropy only over the
+    positions whose next token is trained (the answers: often a handful of a factoid's 20-60 tokens), so
+    the full [batch, length, vocab] logits are never formed. Without labels it returns the full logits.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        self._decoder = base.get_decoder()
+        self._head = base.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if labels is None:
+            return self._head(hidden)
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = self._head(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), target[keep], reduction="sum")
+
+
+def effective_zero_stage(cfg: Dict[str, Any], world_size: int) -> Dict[str, Any]:
+    """On one process ZeRO-3 partitions nothing and only adds parameter gathering to every module: run
+    ZeRO-2 instead (optimizer offload kept), unless parameters are offloaded to save device memory."""
+    if world_size == 1 and zero_stage(cfg) == 3 and not offloads_params(cfg):
+        cfg = copy.deepcopy(cfg)
+        zo = cfg["zero_optimization"]
+        zo["stage"] = 2
+        for key in list(zo):
+            if key.startswith("stage3_") or key in ("sub_group_size",):
+                zo.pop(key)
+        log.info("one process: ZeRO-3 would partition nothing; running ZeRO-2 (set offload_param to keep ZeRO-3)")
+    return cfg
+
+
 class Engine:
     """Owns one ``deepspeed.initialize`` for one stage."""
 
@@ -170,21 +210,20 @@ class Engine:
                                 **({"fused": True} if fused else {}))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total_steps, warmup_ratio))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+            model=AnswerLoss(model), optimizer=opt, lr_scheduler=sched, config=ds_config)
         self.zero_stage = zero_stage(ds_config)
         self.device = self.engine.device
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.engine.module
+        """The Hugging Face (or PEFT) model being trained."""
+        return self.engine.module.lm
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def logits(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.engine(input_ids=batch["input_ids"].to(self.device),
-                          attention_mask=batch["attention_mask"].to(self.device), use_cache=False)
-        return out.logits
+        return self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
 
     def micro_step(self, batch: Dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """Forward + backward of one micro-batch; the loss is the token-loss sum times ``scale``.
@@ -192,7 +231,8 @@ class Engine:
         Returns the unscaled token-loss sum (detached, on device).
         """
         self.engine.train()
-        loss_sum = token_loss_sum(self.logits(batch), batch["labels"].to(self.device))
+        loss_sum = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                               batch["labels"].to(self.device))
         self.engine.backward(loss_sum * scale)
         return loss_sum.detach()
 

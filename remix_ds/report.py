@@ -272,7 +272,10 @@ def write_report(report: Dict[str, Any], out_dir: str) -> str:
     report["warnings"] = dropped_warnings(report)
     figure = None
     if rows:
-        figure = plot_forgetting(report, curves, os.path.join(out_dir, FIGURE))
+        try:
+            figure = plot_forgetting(report, curves, os.path.join(out_dir, FIGURE))
+        except ImportError as e:  # matplotlib is a dependency, but a bare environment should still get the tables
+            report["warnings"].append(f"{FIGURE} not written: {e}")
     report["figure"] = os.path.basename(figure) if figure else None
     write_json_atomic(os.path.join(out_dir, "report.json"), report)
 

@@ -75,7 +75,7 @@ def _pretrain(model, tokenizer, spec: TinySpec) -> float:
     from .data.mixing import random_word_examples
 
     examples = kvr_examples(spec.pretrain_pairs, spec.seed, "P")
-    examples += random_word_examples(spec.pretrain_pairs // 5, spec.seed + 1, prompt_words=3, target_words=3)
+    examples += random_word_examples(spec.pretrain_pairs // 4, spec.seed + 1, prompt_words=3, target_words=3)
     encoded = [encode_example(tokenizer, ex, i) for i, ex in enumerate(examples)]
     pad = pad_id_of(tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)

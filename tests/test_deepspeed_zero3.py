@@ -43,7 +43,9 @@ def z3run(tmp_path_factory, tiny_dir):
     tmp = tmp_path_factory.mktemp("z3")
     out = tmp / "run"
     recipe = write_recipe(tmp / "recipe.yaml", RECIPE.format(out=out))
-    res = run_cli(["deepspeed", "--num_gpus", "2", "launch/pipeline.py", "--config", str(recipe)], timeout=1200)
+    # one thread per process: two processes on two cores must not oversubscribe them
+    res = run_cli(["deepspeed", "--num_gpus", "2", "launch/pipeline.py", "--config", str(recipe)], timeout=1200,
+                  env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     return out, res
 
