@@ -115,7 +115,13 @@ def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: in
     if precision == "fp16":
         cfg["fp16"].setdefault("loss_scale", 0)
     zo = cfg.setdefault("zero_optimization", {})
-    h2 = hidden_size * hidden_size
+    # Several processes: buckets of h^2 elements overlap communication with the backward pass. One
+    # process: there is nothing to communicate, so one large bucket and no overlap machinery.
+    h2 = hidden_size * hidden_size if world > 1 else int(5e8)
+    if world == 1:
+        for key in ("overlap_comm", "contiguous_gradients"):
+            if zo.get(key) is True:
+                zo[key] = False
     for key, value in (("reduce_bucket_size", h2), ("allgather_bucket_size", h2),
                        ("stage3_prefetch_bucket_size", int(0.9 * h2)),
                        ("stage3_param_persistence_threshold", 10 * hidden_size)):
