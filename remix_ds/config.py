@@ -348,6 +348,7 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
     variants_raw = raw.pop("variants", None) or [{"name": "default"}]
     if not isinstance(variants_raw, list):
         raise ConfigError(f"{where}: variants must be a list")
+    variants_raw = expand_sweeps(variants_raw, where)
     raw.setdefault("output_dir", os.path.join("runs", str(raw["name"])))
     datasets_raw = raw.pop("datasets")
     if not isinstance(datasets_raw, dict) or not datasets_raw:
@@ -386,6 +387,40 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
     recipe.raw = raw
     validate(recipe, where)
     return recipe
+
+
+def expand_sweeps(variants_raw: List[Any], where: str) -> List[Any]:
+    """A variant with ``sweep: {stage1.lora.r: [8, 16, 64]}`` becomes one variant per value, named
+    ``<name>-r8``, ``<name>-r16``, ... (several keys: their product). Sweeps make LoRA rank (or any other
+    stage key) a variant dimension of one recipe."""
+    import itertools
+
+    out = []
+    for i, v in enumerate(variants_raw):
+        if not isinstance(v, dict) or "sweep" not in v:
+            out.append(v)
+            continue
+        sweep = v["sweep"]
+        if not isinstance(sweep, dict) or not sweep or not all(isinstance(x, list) and x for x in sweep.values()):
+            raise ConfigError(f"{where}: variants[{i}].sweep must map stage keys to non-empty lists of values")
+        for key in sweep:
+            if not STAGE_KEY.match(str(key).split(".")[0]) or "." not in str(key):
+                raise ConfigError(f"{where}: variants[{i}].sweep: {key!r} must be a stage key such as stage1.lora.r")
+        for values in itertools.product(*sweep.values()):
+            nv = {k: copy.deepcopy(x) for k, x in v.items() if k != "sweep"}
+            suffix = []
+            for key, value in zip(sweep, values):
+                parts = str(key).split(".")
+                node = nv
+                for part in parts[:-1]:
+                    if not isinstance(node.get(part), dict):
+                        node[part] = {}
+                    node = node[part]
+                node[parts[-1]] = value
+                suffix.append(f"{parts[-1]}{value}")
+            nv["name"] = f"{v.get('name', 'variant')}-" + "-".join(suffix)
+            out.append(nv)
+    return out
 
 
 def validate(recipe: Recipe, where: str) -> None:

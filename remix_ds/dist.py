@@ -31,6 +31,10 @@ def init() -> None:
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     import deepspeed
 
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if not torch.cuda.is_available() and local > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # several CPU processes on one machine: share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())

@@ -114,3 +114,16 @@ def test_cli_refuses_bad_input_before_training(tmp_path, override, needle):
     assert needle in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert not any(out.rglob("DONE.json")) and not (out / "report.json").exists()
+
+
+def test_sweep_expands_lora_rank_into_variants(tmp_path):
+    d = base_dict(tmp_path)
+    d["variants"] = [{"name": "full"},
+                     {"name": "lora", "stage1": {"finetune": "lora"}, "sweep": {"stage1.lora.r": [8, 64]}}]
+    r = recipe_from_dict(d)
+    assert [v.name for v in r.variants] == ["full", "lora-r8", "lora-r64"]
+    assert [v.stages[0].lora.r for v in r.variants] == [64, 8, 64]
+    assert all(v.stages[0].finetune == "lora" for v in r.variants[1:])
+    d["variants"] = [{"name": "x", "sweep": {"lr": [1]}}]
+    with pytest.raises(ConfigError, match="must be a stage key"):
+        recipe_from_dict(d)
