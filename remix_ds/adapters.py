@@ -14,7 +14,6 @@ import os
 import re
 import resource
 import shutil
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch

@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
 from .metrics import is_task_source
 from .model import load_for_eval, load_tokenizer
-from .stage import batch_plan, fingerprint, is_complete, output_model, stage_output, read_done, stage_dir, train_stage
+from .stage import batch_plan, fingerprint, is_complete, stage_output, read_done, stage_dir, train_stage
 
 log = logging.getLogger(__name__)
 

@@ -370,7 +370,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     else:
         eng.save_adapter(str(out / "adapter"), tok)
     eng.close()
-    del model, eng
+    model = eng = None  # free the engine before merging
     release_zero3(keep)
     if spec.finetune != "full" and spec.merge:
         if dist.is_main():

@@ -1,12 +1,9 @@
 """Bad input fails before training, with one message naming the file, line or key."""
-import json
-import os
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli, write_recipe
+from conftest import run_cli, write_recipe
 from remix_ds.config import DEMO_RECIPE, load_recipe, recipe_from_dict
 from remix_ds.errors import ConfigError, DataError
 

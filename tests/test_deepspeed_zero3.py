@@ -5,7 +5,6 @@ that they reload, with `from_pretrained` / PEFT, to the logits the engine produc
 """
 import json
 import shutil
-import sys
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ names), and either named directly (``name: <dir>``) or substituted for the real 
 that also checks the ids, configs, splits and revisions each source asks for.
 """
 import json
-import os
 import sys
 
 import pytest
