@@ -178,8 +178,9 @@ class AnswerLoss(torch.nn.Module):
         self._decoder = base.get_decoder()
         self._head = base.get_output_embeddings()
 
-    def forward(self, input_ids, attention_mask, labels=None):
-        hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids, attention_mask, labels=None, position_ids=None):
+        hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
         if labels is None:
             return self._head(hidden)
         target = labels[:, 1:]
@@ -237,8 +238,9 @@ class Engine:
         Returns the unscaled token-loss sum (detached, on device).
         """
         self.engine.train()
+        pos = batch.get("position_ids")
         loss_sum = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                               batch["labels"].to(self.device))
+                               batch["labels"].to(self.device), None if pos is None else pos.to(self.device))
         self.engine.backward(loss_sum * scale)
         return loss_sum.detach()
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
-from .data.formatting import Encoded, collate, encode_examples, pad_id_of
+from .data.formatting import Encoded, collate, collate_packed, encode_examples, pad_id_of
 from .engine import (Engine, load_ds_config, resolve_ds_config, resolve_precision, torch_dtype,
                      write_json_atomic)
 from .errors import ConfigError
@@ -132,13 +132,17 @@ def epoch_order(n: int, seed: int, k: int, epoch: int) -> List[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: int, pad: int) -> torch.Tensor:
+def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: int, pad: int,
+                pack: int = 0) -> torch.Tensor:
     """One optimizer step on one global batch (every rank passes the same `chunk`).
 
     The loss is the mean over all answer tokens of the global batch: each micro-batch's token-loss
     sum is scaled by world*gas/N, which DeepSpeed's 1/gas scaling and data-parallel averaging turn into
-    sum/N exactly. Returns this rank's unscaled token-loss sum (detached, on device).
+    sum/N exactly. With `pack` > 0 each micro-batch is packed into rows of at most `pack` tokens, every
+    example attending only to itself (the same losses, far less padding). Returns this rank's unscaled
+    token-loss sum (detached, on device).
     """
+    make = (lambda mb: collate_packed(mb, pad, pack)) if pack else (lambda mb: collate(mb, pad))
     n_tok = sum(e.num_answer_tokens for e in chunk)
     slots = split_global_batch(chunk, world * gas)
     scale = world * gas / n_tok
@@ -146,9 +150,9 @@ def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: i
     for a in range(gas):
         mb = slots[a * world + rank]
         if mb:
-            local += eng.micro_step(collate(mb, pad), scale)
+            local += eng.micro_step(make(mb), scale)
         else:  # a short last batch: this rank still takes part in the collectives
-            eng.micro_step(collate(chunk[:1], pad), 0.0)
+            eng.micro_step(make(chunk[:1]), 0.0)
         eng.step()
     return local
 
@@ -312,7 +316,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         order = epoch_order(len(enc), recipe.seed, k, epoch)
         for s in range(state["s"] if epoch == state["epoch"] else 0, steps_per_epoch):
             chunk = [enc[i] for i in order[s * G:(s + 1) * G]]
-            window_loss += global_step(eng, chunk, world, gas, rank, pad)
+            window_loss += global_step(eng, chunk, world, gas, rank, pad,
+                                       recipe.max_seq_length if spec.packing else 0)
             step += 1
             window_tokens += sum(e.num_answer_tokens for e in chunk)
             bar.update(1)

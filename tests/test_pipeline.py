@@ -23,7 +23,7 @@ stage2: {{data: B, finetune: full, stop: fixed, epochs: 2, lr: 2.0e-3, global_ba
 variants:
   - name: full
   - name: lora
-    stage1: {{finetune: lora, stop: fixed, epochs: 3, lr: 5.0e-3, lora: {{r: 8, alpha: 16}},
+    stage1: {{finetune: lora, stop: fixed, epochs: 3, lr: 5.0e-3, lora: {{r: 8, alpha: 16}}, packing: true,
               mix: {{source: random-words, ratio: 0.5, prompt_words: 4, target_words: 4}}}}
 """
 

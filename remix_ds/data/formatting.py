@@ -112,6 +112,51 @@ def collate(batch: Sequence[Encoded], pad_id: int, pad_to: Optional[int] = None)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pack_rows(batch: Sequence[Encoded], capacity: int) -> List[List[Encoded]]:
+    """First-fit decreasing: examples into rows of at most `capacity` tokens (a longer one gets its own)."""
+    rows: List[List[Encoded]] = []
+    room: List[int] = []
+    for e in sorted(batch, key=lambda e: -len(e.input_ids)):
+        n = len(e.input_ids)
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(e)
+                room[r] -= n
+                break
+        else:
+            rows.append([e])
+            room.append(capacity - n)
+    return rows
+
+
+def collate_packed(batch: Sequence[Encoded], pad_id: int, capacity: int) -> dict:
+    """Several examples per row, each attending only to itself.
+
+    Returns input_ids, labels, position_ids (restarting at 0 for every example) and a boolean
+    [rows, 1, L, L] attention mask that is causal within each example and blocks every other pair. Each
+    example starts with a token labelled -100 (BOS or the prompt), so no loss crosses a boundary: a packed
+    batch gives every example the loss it has unpacked.
+    """
+    rows = pack_rows(batch, capacity)
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)  # padding: its own segment
+    for r, row in enumerate(rows):
+        off = 0
+        for j, e in enumerate(row):
+            n = len(e.input_ids)
+            ids[r, off:off + n] = torch.tensor(e.input_ids)
+            labels[r, off:off + n] = torch.tensor(e.labels)
+            pos[r, off:off + n] = torch.arange(n)
+            seg[r, off:off + n] = j
+            off += n
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    mask = (seg[:, :, None] == seg[:, None, :]) & causal
+    return {"input_ids": ids, "attention_mask": mask[:, None], "labels": labels, "position_ids": pos}
+
+
 def collate_prompts(prompts: Sequence[List[int]], pad_id: int) -> dict:
     """Left-padded prompts for batched generation."""
     width = max(len(p) for p in prompts)
