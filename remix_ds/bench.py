@@ -368,10 +368,8 @@ class PlainCase(TrainCase):
         else:
             load_dtype = dtype
         if mode == "qlora":
-            from transformers import BitsAndBytesConfig
-            kw["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype)
+            from .model import quantization_config
+            kw["quantization_config"] = quantization_config(dtype)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, **kw)
         model.config.use_cache = False
         if mode in ("lora", "qlora"):

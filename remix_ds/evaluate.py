@@ -175,11 +175,12 @@ def evaluate_generation(model, tokenizer, examples: Sequence[Example], *, batch_
 
 @torch.no_grad()
 def teacher_forced_scores(logits_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
-                          encoded: Sequence[Encoded], batch_size: int, pad_id: int
+                          encoded: Sequence[Encoded], batch_size: int, pad_id: int, prefixes: bool = True
                           ) -> List[Tuple[int, bool, List[int]]]:
     """This rank's share of ``encoded`` (positions rank, rank+W, ...), teacher-forced.
 
-    Returns (position in ``encoded``, correct, greedy answer prefix) per example, in share order.
+    Returns (position in ``encoded``, correct, greedy answer prefix) per example, in share order (with
+    ``prefixes=False`` the prefix is left empty and only correctness is computed).
     ``correct``: the argmax at every answer position (answer tokens and EOS) is the gold token. The
     prefix is the gold answer up to the first wrong position plus the argmax there: exactly the first
     tokens greedy decoding produces (the whole gold answer + EOS when correct).
@@ -201,6 +202,10 @@ def teacher_forced_scores(logits_fn: Callable[[Dict[str, torch.Tensor]], torch.T
         gold = labels[:, 1:]
         answer = gold != IGNORE
         ok = ((pred == gold) | ~answer).all(dim=1)
+        if not prefixes:  # only correctness wanted (the stopping rule, per-epoch curves): no per-row work
+            for i, o in zip(chunk, ok.cpu().tolist()):
+                found[i] = (o, [])
+            continue
         pred_c, gold_c, ans_c, ok_c = pred.cpu(), gold.cpu(), answer.cpu(), ok.cpu()
         for row, i in enumerate(chunk):
             g = gold_c[row][ans_c[row]].tolist()
@@ -217,7 +222,7 @@ def teacher_forced_correct(logits_fn: Callable[[Dict[str, torch.Tensor]], torch.
 
     Greedy decoding yields exactly the gold answer and EOS iff this holds. Collective-safe.
     """
-    res = teacher_forced_scores(logits_fn, encoded, batch_size, pad_id)
+    res = teacher_forced_scores(logits_fn, encoded, batch_size, pad_id, prefixes=False)
     return torch.tensor([ok for _, ok, _ in res], dtype=torch.bool)
 
 

@@ -26,13 +26,13 @@ def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
-def quantization_config(dtype: torch.dtype, ds_config: Dict[str, Any]):
+def quantization_config(dtype: torch.dtype, ds_config: Optional[Dict[str, Any]] = None):
     """QLoRA: NF4 with double quantisation; under ZeRO-3 the 4-bit storage dtype equals the compute dtype
     (so DeepSpeed can partition the packed weights like any other tensor)."""
     from transformers import BitsAndBytesConfig
 
     kwargs = {}
-    if zero_stage(ds_config) == 3:
+    if ds_config and zero_stage(ds_config) == 3:
         kwargs["bnb_4bit_quant_storage"] = dtype
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype, **kwargs)

@@ -69,10 +69,6 @@ def output_model(recipe: Recipe, variant: Variant, k: int) -> str:
     return adapters[-1] if adapters else base
 
 
-def input_model(recipe: Recipe, variant: Variant, k: int) -> str:
-    return stage_input(recipe, variant, k)[0]
-
-
 def fingerprint(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     """Everything that determines stage k's output (including all earlier stages)."""
     import dataclasses

@@ -24,6 +24,18 @@ def tiny_dir(_cache):
     return build_tiny()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for in-process training: on a small shared CPU, more threads spin and run many
+    times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(args, cwd=None, timeout=900, env=None):
     """Run a launch/ script or the deepspeed launcher; returns CompletedProcess (text)."""
     full_env = dict(os.environ)

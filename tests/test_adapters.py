@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, write_recipe
 from remix_ds.adapters import streaming_merge
-from remix_ds.model import load_for_eval, merge_adapter
+from remix_ds.model import load_for_eval, merge_adapter, quantization_config
 
 CPU = torch.device("cpu")
 
@@ -67,11 +67,10 @@ def test_stacked_adapters_merge_equals_both_active(tiny_dir, tmp_path):
 
 def test_qlora_adapter_merges_into_dequantized_weights(tiny_dir, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     adapter = make_adapter(tiny_dir, tmp_path / "q", seed=4)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
+    q = quantization_config(torch.float32)
     base4 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, quantization_config=q)
     trained_fn = PeftModel.from_pretrained(base4, adapter).eval()
     streaming_merge(tiny_dir, adapter, str(tmp_path / "m16"), dtype=torch.float32, nf4=True)
@@ -144,13 +143,12 @@ def test_stacked_adapters_reload_to_training_logits(combo):
 
 def test_qlora_stage_reloads_to_training_logits_and_merges(combo):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     d = combo / "qlora-qlora" / "stage2"
     cfg = json.load(open(d / "config.json"))
     probe = torch.load(d / "probe_logits.pt")
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
+    q = quantization_config(torch.float32)
     base4 = AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=torch.float32, quantization_config=q)
     model = PeftModel.from_pretrained(base4, str(d / "adapter")).eval()
     merged = load_for_eval(str(d / "merged"), torch.float32, CPU)
