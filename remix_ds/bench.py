@@ -406,14 +406,14 @@ class RemixCase(TrainCase):
     """The stage's own path: resolve_ds_config + load_for_training + Engine, stepped by stage.global_step."""
 
     def __init__(self, path: str, mode: str, lora, ds_config: str, precision: str, global_batch: int,
-                 total_steps: int, pad: int):
+                 total_steps: int, pad: int, pack: int = 0):
         from transformers import AutoConfig
 
         from . import dist, stage
         from .engine import Engine, resolve_ds_config, torch_dtype
         from .model import load_for_training
 
-        self.stage, self.pad = stage, pad
+        self.stage, self.pad, self.pack = stage, pad, pack
         self.world, self.rank = dist.world_size(), dist.rank()
         self.micro, self.gas = stage.batch_plan(self.world, global_batch, None)
         dtype = torch_dtype(precision)
@@ -445,7 +445,7 @@ class RemixCase(TrainCase):
         self.eng.micro_step = counting_micro_step
 
     def step(self, chunk) -> torch.Tensor:
-        return self.stage.global_step(self.eng, chunk, self.world, self.gas, self.rank, self.pad)
+        return self.stage.global_step(self.eng, chunk, self.world, self.gas, self.rank, self.pad, self.pack)
 
     def close(self) -> None:
         from .model import release_zero3
@@ -797,6 +797,7 @@ class Bench:
         lens = sorted(len(e.input_ids) for e in enc)
         kvr_l = [len(e.input_ids) for e, ex in zip(enc, examples) if ex.role != "mix"]
         base = {"bench": "padding", "mode": a.padding_mode, "ds_config": a.padding_config,
+                "packing": not a.no_packing,
                 "max_seq_length": max_seq, "n_examples": len(enc), "n_dropped": dropped,
                 "length_min": lens[0], "length_median": lens[len(lens) // 2], "length_max": lens[-1],
                 "length_mean": round(sum(lens) / len(lens), 1),
@@ -808,8 +809,9 @@ class Bench:
         case: Optional[RemixCase] = None
         results: Dict[str, Dict[str, Any]] = {}
         try:
+            pack = 0 if a.no_packing else max_seq    # what `packing: true` does in a stage
             case = RemixCase(self.path, a.padding_mode, self.lora, a.padding_config, self.precision, G,
-                             3 * n_steps, self.pad)
+                             3 * n_steps, self.pad, pack)
 
             class Naive(TrainCase):
                 """A naive loop on the same engine: one padded micro-batch, then the optimizer step."""
@@ -829,7 +831,8 @@ class Bench:
                      f"random batches, every sequence padded to max_seq_length={max_seq}"),
                     ("naive_longest", Naive(case, None), naive_batches,
                      "random batches, padded to the longest sequence of the batch"),
-                    ("remix_ds", case, remix_batches, f"the stage's batching ({how} + stage.global_step)")]
+                    ("remix_ds", case, remix_batches, f"the stage's batching ({how} + stage.global_step, "
+                     + (f"packing into rows of {pack} tokens)" if pack else "packing off)"))]
             if any(len(batches) < 1 for _, _, batches, _ in runs):
                 raise RuntimeError("too few examples for one global batch")
             if self.interleave:
@@ -954,6 +957,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--padding-mode", default="full", choices=list(MODES[:2]),
                    help="padding bench: fine-tuning mode of its engine (default full)")
     p.add_argument("--padding-config", default="zero2", help="padding bench: ds_config (default zero2)")
+    p.add_argument("--no-packing", action="store_true",
+                   help="padding bench: run the stage with packing off (default: on, as `packing: true`)")
     p.add_argument("--eval-questions", type=int, default=None, help="eval bench: questions (default 2 x batch)")
     p.add_argument("--model-dir", default=None, help="use/write the shape's model in this directory instead")
     p.add_argument("--timing", default="auto", choices=["auto", "sequential", "interleaved"],

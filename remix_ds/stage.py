@@ -110,9 +110,22 @@ def batch_plan(world: int, global_batch_size: int, micro_batch_size: Optional[in
     return micro, global_batch_size // (micro * world)
 
 
-def split_global_batch(chunk: List[Encoded], slots: int) -> List[List[Encoded]]:
-    """Deal a global batch into `slots` micro-batches of near-equal size, grouped by length."""
+def split_global_batch(chunk: List[Encoded], slots: int, by_tokens: bool = False) -> List[List[Encoded]]:
+    """Deal a global batch into `slots` micro-batches.
+
+    Padded batches (default): near-equal example counts, grouped by length so each pads little.
+    Packed batches (`by_tokens`): near-equal token counts (longest first into the lightest slot), so no
+    rank waits on another's longer micro-batch.
+    """
     chunk = sorted(chunk, key=lambda e: len(e.input_ids))
+    if by_tokens:
+        out: List[List[Encoded]] = [[] for _ in range(slots)]
+        load = [0] * slots
+        for e in reversed(chunk):
+            j = min(range(slots), key=lambda s: (load[s], len(out[s])))
+            out[j].append(e)
+            load[j] += len(e.input_ids)
+        return out
     base, extra = divmod(len(chunk), slots)
     out, start = [], 0
     for j in range(slots):
@@ -140,7 +153,7 @@ def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: i
     """
     make = (lambda mb: collate_packed(mb, pad, pack)) if pack else (lambda mb: collate(mb, pad))
     n_tok = sum(e.num_answer_tokens for e in chunk)
-    slots = split_global_batch(chunk, world * gas)
+    slots = split_global_batch(chunk, world * gas, by_tokens=bool(pack))
     scale = world * gas / n_tok
     local = torch.zeros((), dtype=torch.float64, device=eng.device)
     for a in range(gas):

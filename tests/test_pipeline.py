@@ -19,7 +19,7 @@ datasets:
   B: {{source: kvrB, num_examples: 40}}
 eval: {{batch_size: 40}}
 stage1: {{data: A, finetune: full, stop: accuracy, epochs: 120, lr: 3.0e-3, global_batch_size: 10}}
-stage2: {{data: B, finetune: full, stop: fixed, epochs: 2, lr: 2.0e-3, global_batch_size: 10}}
+stage2: {{data: B, finetune: full, stop: fixed, epochs: 2, lr: 2.0e-3, global_batch_size: 10, packing: false}}
 variants:
   - name: full
   - name: lora

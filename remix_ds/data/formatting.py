@@ -15,6 +15,7 @@ left inside the limit.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -112,11 +113,13 @@ def collate(batch: Sequence[Encoded], pad_id: int, pad_to: Optional[int] = None)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def pack_rows(batch: Sequence[Encoded], capacity: int) -> List[List[Encoded]]:
-    """First-fit decreasing: examples into rows of at most `capacity` tokens (a longer one gets its own)."""
+PACK_GAIN = 0.9   # pack a micro-batch only when its padded area shrinks to at most this fraction
+
+
+def _first_fit_decreasing(items: List[Encoded], capacity: int) -> List[List[Encoded]]:
     rows: List[List[Encoded]] = []
     room: List[int] = []
-    for e in sorted(batch, key=lambda e: -len(e.input_ids)):
+    for e in items:
         n = len(e.input_ids)
         for r, free in enumerate(room):
             if n <= free:
@@ -129,16 +132,60 @@ def pack_rows(batch: Sequence[Encoded], capacity: int) -> List[List[Encoded]]:
     return rows
 
 
+def _balanced(items: List[Encoded], n_rows: int) -> Tuple[List[List[Encoded]], int]:
+    """Longest first, each into the currently shortest row (LPT): rows of near-equal length."""
+    heap = [(0, r) for r in range(n_rows)]
+    rows: List[List[Encoded]] = [[] for _ in range(n_rows)]
+    for e in items:
+        used, r = heapq.heappop(heap)
+        rows[r].append(e)
+        heapq.heappush(heap, (used + len(e.input_ids), r))
+    return rows, max(used for used, _ in heap)
+
+
+def pack_rows(batch: Sequence[Encoded], capacity: int) -> List[List[Encoded]]:
+    """Examples into rows of at most `capacity` tokens (at least the longest example), the padded
+    rectangle (rows x longest row) as small as these heuristics find it.
+
+    Candidates: first-fit decreasing at `capacity`, and for each row count from the fewest possible up,
+    a longest-first balanced split (kept when its longest row fits `capacity`). Row counts stop once
+    rows x longest example cannot beat the best area found. Deterministic for a given batch order.
+    """
+    items = sorted(batch, key=lambda e: -len(e.input_ids))
+    if not items:
+        return []
+    lens = [len(e.input_ids) for e in items]
+    capacity = max(capacity, lens[0])
+    total = sum(lens)
+
+    def area(rows):
+        return len(rows) * max(sum(len(e.input_ids) for e in row) for row in rows)
+    best = _first_fit_decreasing(items, capacity)
+    best_area = area(best)
+    n_rows = -(-total // capacity)
+    while n_rows <= len(items) and n_rows * lens[0] < best_area and best_area > total:
+        rows, width = _balanced(items, n_rows)
+        if width <= capacity and n_rows * width < best_area:
+            best, best_area = rows, n_rows * width
+        n_rows += 1
+    return [row for row in best if row]
+
+
 def collate_packed(batch: Sequence[Encoded], pad_id: int, capacity: int) -> dict:
     """Several examples per row, each attending only to itself.
 
     Returns input_ids, labels, position_ids (restarting at 0 for every example) and a boolean
     [rows, 1, L, L] attention mask that is causal within each example and blocks every other pair. Each
     example starts with a token labelled -100 (BOS or the prompt), so no loss crosses a boundary: a packed
-    batch gives every example the loss it has unpacked.
+    batch gives every example the loss it has unpacked. When packing would not shrink the padded area
+    below PACK_GAIN of the plain batch's, returns the plain padded batch (``collate``) instead.
     """
     rows = pack_rows(batch, capacity)
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    if len(rows) * width > PACK_GAIN * len(batch) * max(len(e.input_ids) for e in batch):
+        # packing would save little padding (uniform lengths, say) but widen every row's attention:
+        # the plain padded batch is the same computation, cheaper
+        return collate(batch, pad_id)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
