@@ -324,8 +324,7 @@ def qlora_unsupported_reason() -> Optional[str]:
 
 
 def qlora_device_reason(device: torch.device) -> Optional[str]:
-    if not _is_cuda(device):
-        return "QLoRA (bitsandbytes NF4) needs a CUDA GPU"
+    """Why QLoRA cannot run here, or None: bitsandbytes (>= 0.46 has CPU kernels) must import."""
     try:
         import bitsandbytes  # noqa: F401
     except Exception as e:

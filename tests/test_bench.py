@@ -12,15 +12,17 @@ POSITIVE = ("seconds", "step_time_s", "tokens_per_s", "padfree_tokens_per_s", "p
             "peak_mem_gib")
 
 
-def test_bench_tiny_full_and_lora_zero2(tmp_path, tiny_dir):
+def test_bench_tiny_full_lora_qlora_eval_padding(tmp_path, tiny_dir):
     out = tmp_path / "bench.jsonl"
-    res = run_cli([sys.executable, "launch/bench.py", "--shape", "tiny", "--cases", "full:zero2,lora:zero2,eval",
+    res = run_cli([sys.executable, "launch/bench.py", "--shape", "tiny", "--cases",
+                   "full:zero2,lora:zero2,qlora:zero2,eval,padding",
                    "--steps", "2", "--warmup", "1", "--batch", "16", "--seq", "32", "--out", str(out)], timeout=600)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["status"] == "ok" for r in recs), [(r["case"], r.get("reason")) for r in recs]
     train = {(r["case"], r.get("paired_with")): r for r in recs if r["bench"] == "train"}
-    assert set(train) == {("full:plain", "zero2"), ("full:zero2", None), ("lora:plain", "zero2"), ("lora:zero2", None)}
+    assert set(train) == {("full:plain", "zero2"), ("full:zero2", None), ("lora:plain", "zero2"), ("lora:zero2", None),
+                          ("qlora:plain", "zero2"), ("qlora:zero2", None)}
     for r in train.values():
         assert COMMON | TRAIN <= set(r), sorted(COMMON | TRAIN - set(r))
         assert r["shape"] == "tiny" and r["batch"] == 16 and r["seq"] == 32 and r["steps"] == 2
@@ -28,13 +30,21 @@ def test_bench_tiny_full_and_lora_zero2(tmp_path, tiny_dir):
             assert r[k] > 0, (r["case"], k, r[k])
         # fixed-length batches: no padding, and 2 steps x 16 x 32 tokens were processed
         assert r["processed_tokens"] == r["padfree_tokens"] == 2 * 16 * 32
-    for case in ("full:zero2", "lora:zero2"):
+    for case in ("full:zero2", "lora:zero2", "qlora:zero2"):
         r = train[(case, None)]
         assert r["impl"] == "remix_ds" and r["zero_stage"] == 2 and r["ds_config"] == "zero2"
         assert r["ratio_tokens_per_s"] > 0 and isinstance(r["meets_target"], bool)
     (ev,) = [r for r in recs if r["bench"] == "eval"]
     assert ev["generate_questions_per_s"] > 0 and ev["teacher_forced_questions_per_s"] > 0 and ev["ratio"] > 0
     assert "ratio" in res.stdout and "full:zero2" in res.stdout
+    # padding: the same examples under each batching; the stage's packing leaves far less padding
+    pad = {r["case"]: r for r in recs if r["bench"] == "padding"}
+    assert set(pad) == {"padding:naive_max_length", "padding:naive_longest", "padding:remix_ds"}
+    assert len({r["padfree_tokens"] for r in pad.values()}) == 1
+    naive, remix = pad["padding:naive_longest"], pad["padding:remix_ds"]
+    assert remix["packing"] is True and remix["pad_fraction"] < 0.5 * naive["pad_fraction"], (remix, naive)
+    assert pad["padding:naive_max_length"]["pad_fraction"] >= naive["pad_fraction"] > 0.2
+    assert remix["processed_tokens"] < naive["processed_tokens"] and remix["ratio_vs_naive_longest"] > 0
 
 
 def test_bench_cases_parse():
