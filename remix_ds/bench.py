@@ -419,7 +419,7 @@ class RemixCase(TrainCase):
         hidden = AutoConfig.from_pretrained(path).hidden_size
         self.ds_cfg = resolve_ds_config(ds_config, global_batch_size=global_batch, micro_batch_size=self.micro,
                                         grad_accum=self.gas, grad_clip=GRAD_CLIP, precision=precision,
-                                        hidden_size=hidden)
+                                        hidden_size=hidden, finetune=mode)
         from .engine import zero_stage
         from .model import release_zero3
 

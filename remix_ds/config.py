@@ -136,6 +136,7 @@ class StageSpec:
     loss_patience: int = 10
     log_every: int = 1
     save_dtype: str = "auto"      # auto: bf16 when training in bf16, else the training dtype
+    adapt_zero: bool = True       # choose the ZeRO stage by world size and mode (see engine.resolve_ds_config)
     packing: bool = True          # pack each micro-batch into rows of max_seq_length (per-example attention)
     save_every: int = 0           # DeepSpeed checkpoint every N optimizer steps (0: none)
     keep_checkpoints: int = 2     # keep the newest N complete checkpoints

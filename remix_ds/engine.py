@@ -87,8 +87,14 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 
 def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: int, grad_accum: int,
-                      grad_clip: float, precision: str, hidden_size: int) -> Dict[str, Any]:
-    """Load a ds_config and replace every "auto" with a concrete value; refuse any left over."""
+                      grad_clip: float, precision: str, hidden_size: int, finetune: str = "full",
+                      adapt: bool = True) -> Dict[str, Any]:
+    """Load a ds_config and replace every "auto" with a concrete value; refuse any left over.
+
+    With ``adapt`` (a stage's ``adapt_zero``, on by default) the ZeRO stage is chosen by world size and
+    mode: ZeRO-3 on one process runs as ZeRO-2 (``effective_zero_stage``), and a LoRA/QLoRA stage at
+    ZeRO-1/2 runs without ZeRO, under torch autocast (``adapter_zero_stage``).
+    """
     cfg = copy.deepcopy(load_ds_config(name))
     src = ds_config_path(name)
 
@@ -131,7 +137,8 @@ def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: in
         # A client torch optimizer steps the offloaded fp32 partitions on the CPU.
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     cfg.setdefault("zero_allow_untested_optimizer", True)
-    cfg = effective_zero_stage(cfg, world)
+    if adapt:
+        cfg = adapter_zero_stage(effective_zero_stage(cfg, world), finetune, precision)
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
         raise ConfigError(f"{src}: cannot resolve \"auto\" for {', '.join(leftover)}")
@@ -200,6 +207,30 @@ def effective_zero_stage(cfg: Dict[str, Any], world_size: int) -> Dict[str, Any]
             if key.startswith("stage3_") or key in ("sub_group_size",):
                 zo.pop(key)
         log.info("one process: ZeRO-3 would partition nothing; running ZeRO-2 (set offload_param to keep ZeRO-3)")
+    return cfg
+
+
+def adapter_zero_stage(cfg: Dict[str, Any], finetune: str, precision: str) -> Dict[str, Any]:
+    """LoRA/QLoRA at ZeRO-1/2 without offload: run without ZeRO, the adapters in fp32 under torch autocast.
+
+    ZeRO-1/2 partition optimizer state and gradients, which for a LoRA adapter are a few megabytes: there is
+    nothing worth partitioning, yet DeepSpeed's bf16 mode would still cast the adapters to bf16, keep fp32
+    master copies in flat buffers, hook every adapter gradient and copy the weights back after each step.
+    Without ZeRO the engine steps the client optimizer (fused AdamW on a GPU) on PEFT's fp32 adapters, the
+    frozen base stays in the dtype it was loaded in, and DeepSpeed's ``torch_autocast`` runs the forward in
+    bf16/fp16: what a hand-written PEFT loop does. Several processes still average the adapter gradients
+    (an all-reduce of a few megabytes). ZeRO-3 is kept: there it partitions the frozen base weights.
+    """
+    if finetune not in ("lora", "qlora") or zero_stage(cfg) not in (1, 2) or offloads_optimizer(cfg):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg["zero_optimization"] = {"stage": 0}
+    if precision in ("bf16", "fp16"):
+        cfg["bf16"] = {"enabled": False}
+        cfg["fp16"] = {"enabled": False}
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
+    log.info("%s: adapter weights need no ZeRO partitioning; running without ZeRO%s (set adapt_zero: false "
+             "to run the ds_config as written)", finetune, f", {precision} torch autocast" if precision != "fp32" else "")
     return cfg
 
 

@@ -28,8 +28,8 @@ from . import dist
 from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
 from .data.formatting import Encoded, collate, collate_packed, encode_examples, pad_id_of
-from .engine import (Engine, load_ds_config, resolve_ds_config, resolve_precision, torch_dtype,
-                     write_json_atomic)
+from .engine import (Engine, load_ds_config, resolve_ds_config, resolve_precision, torch_dtype, write_json_atomic,
+                     zero_stage)
 from .errors import ConfigError
 from .evaluate import teacher_forced_accuracy
 from .adapters import local_model_dir, streaming_merge
@@ -262,7 +262,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     hidden = AutoConfig.from_pretrained(base).hidden_size
     ds_cfg = resolve_ds_config(spec.ds_config or recipe.ds_config, global_batch_size=spec.global_batch_size,
                                micro_batch_size=micro, grad_accum=gas, grad_clip=spec.grad_clip,
-                               precision=precision, hidden_size=hidden)
+                               precision=precision, hidden_size=hidden, finetune=spec.finetune,
+                               adapt=spec.adapt_zero)
     G = spec.global_batch_size
     steps_per_epoch = math.ceil(len(enc) / G)
     total_steps = steps_per_epoch * spec.epochs
@@ -284,6 +285,9 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     model, keep = load_for_training(base, spec.finetune, spec.lora, ds_cfg, dtype, frozen_adapters=frozen)
     eng = Engine(model, ds_cfg, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
                  total_steps=total_steps, warmup_ratio=spec.warmup_ratio)
+    trainable = [p for p in eng.module.parameters() if p.requires_grad]
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
+    trainable_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
     state = {"step": 0, "epoch": 0, "s": 0, "below": 0, "accs": {}, "last_loss": float("nan"), "t": 0.0}
     if resume_tag is not None:
         cs = eng.load_checkpoint(str(ckpt_root), resume_tag)
@@ -397,7 +401,9 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
 
     summary = {"variant": variant.name, "stage": k, "finetune": spec.finetune, "epochs": epochs_run,
                "steps": step, "stopped_by": stopped_by, "final_loss": last_loss, "train_seconds": round(train_seconds, 2),
-               "teacher_forced_accuracy": accs, "n_data": len(data), "n_mix": n_mix, "n_dropped": dropped}
+               "teacher_forced_accuracy": accs, "n_data": len(data), "n_mix": n_mix, "n_dropped": dropped,
+               "zero_stage": zero_stage(ds_cfg), "trainable_parameters": n_trainable,
+               "trainable_dtypes": trainable_dtypes}
     if dist.is_main():
         if log_f:
             log_f.close()

@@ -32,7 +32,9 @@ def test_bench_tiny_full_lora_qlora_eval_padding(tmp_path, tiny_dir):
         assert r["processed_tokens"] == r["padfree_tokens"] == 2 * 16 * 32
     for case in ("full:zero2", "lora:zero2", "qlora:zero2"):
         r = train[(case, None)]
-        assert r["impl"] == "remix_ds" and r["zero_stage"] == 2 and r["ds_config"] == "zero2"
+        # adapters run without ZeRO (engine.adapter_zero_stage)
+        assert r["impl"] == "remix_ds" and r["zero_stage"] == (2 if case == "full:zero2" else 0)
+        assert r["ds_config"] == "zero2"
         assert r["ratio_tokens_per_s"] > 0 and isinstance(r["meets_target"], bool)
     (ev,) = [r for r in recs if r["bench"] == "eval"]
     assert ev["generate_questions_per_s"] > 0 and ev["teacher_forced_questions_per_s"] > 0 and ev["ratio"] > 0

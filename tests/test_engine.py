@@ -1,0 +1,98 @@
+"""How a ds_config is resolved per world size and mode, and LoRA in bf16 under DeepSpeed's torch autocast."""
+import json
+import sys
+
+import pytest
+
+from conftest import run_cli, write_recipe
+from remix_ds.engine import resolve_ds_config
+
+KW = dict(global_batch_size=8, micro_batch_size=8, grad_accum=1, grad_clip=1.0, hidden_size=128)
+
+
+def test_full_fine_tuning_keeps_zero_and_one_process_runs_zero3_as_zero2():
+    z2 = resolve_ds_config("zero2", precision="bf16", finetune="full", **KW)
+    assert z2["zero_optimization"]["stage"] == 2 and z2["bf16"]["enabled"] and "torch_autocast" not in z2
+    assert z2["zero_optimization"]["overlap_comm"] is False   # one process: nothing to overlap
+    z3 = resolve_ds_config("zero3", precision="bf16", finetune="full", **KW)
+    assert z3["zero_optimization"]["stage"] == 2
+    assert not any(k.startswith("stage3_") for k in z3["zero_optimization"])
+    # offloading parameters is a reason to keep ZeRO-3 on one process
+    assert resolve_ds_config("zero3_offload", precision="bf16", finetune="full", **KW)["zero_optimization"]["stage"] == 3
+    # as written
+    assert resolve_ds_config("zero3", precision="bf16", finetune="full", adapt=False, **KW)["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize("finetune", ["lora", "qlora"])
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_adapters_run_without_zero_under_torch_autocast(finetune, name):
+    cfg = resolve_ds_config(name, precision="bf16", finetune=finetune, **KW)
+    assert cfg["zero_optimization"] == {"stage": 0}
+    assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    fp32 = resolve_ds_config(name, precision="fp32", finetune=finetune, **KW)
+    assert fp32["zero_optimization"] == {"stage": 0} and "torch_autocast" not in fp32
+    # an offloaded optimizer is kept as configured; so is everything with adapt=False
+    off = resolve_ds_config("zero2_offload", precision="bf16", finetune=finetune, **KW)
+    assert off["zero_optimization"]["stage"] == 2 and off["bf16"]["enabled"] is True
+    kept = resolve_ds_config(name, precision="bf16", finetune=finetune, adapt=False, **KW)
+    assert kept["zero_optimization"]["stage"] == int(name[-1]) and "torch_autocast" not in kept
+
+
+RECIPE = """
+name: bf16
+output_dir: {out}
+model: tiny
+ds_config: zero2
+precision: bf16
+max_seq_length: 48
+datasets:
+  A: {{source: kvr, num_examples: 16}}
+  B: {{source: kvrB, num_examples: 16}}
+stage1: {{data: A, finetune: lora, stop: fixed, epochs: 4, lr: 1.0e-2, global_batch_size: 8, lora: {{r: 8, alpha: 16}},
+          merge: false, track: false, probe: true}}
+stage2: {{data: B, finetune: lora, stop: fixed, epochs: 1, global_batch_size: 8}}
+variants:
+  - name: lora
+  - name: lora-zero2
+    stage1: {{adapt_zero: false}}
+"""
+
+
+def test_lora_in_bf16_trains_under_torch_autocast_like_deepspeed_bf16(tmp_path, tiny_dir):
+    """bf16 on CPU (slow there, but the same code path as a GPU): the autocast run (fp32 adapters, bf16
+    base) and DeepSpeed's own bf16 ZeRO-2 (adapters cast to bf16, fp32 master copies) both learn, from the
+    same initial loss, and save fp32 adapters that reload to the training logits."""
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", RECIPE.format(out=tmp_path / "run"))
+    res = run_cli([sys.executable, "launch/stage1.py", "--config", str(recipe)], timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    losses = {}
+    for v in ("lora", "lora-zero2"):
+        d = tmp_path / "run" / v / "stage1"
+        cfg = json.load(open(d / "config.json"))["ds_config"]
+        if v == "lora":
+            assert cfg["zero_optimization"] == {"stage": 0} and cfg["torch_autocast"]["enabled"]
+        else:
+            assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"]["enabled"]
+        done = json.load(open(d / "DONE.json"))["summary"]
+        # the weights the optimizer stepped: PEFT's fp32 adapters, or DeepSpeed's bf16 copies of them
+        assert done["trainable_dtypes"] == (["float32"] if v == "lora" else ["bfloat16"]), done
+        assert done["zero_stage"] == (0 if v == "lora" else 2) and done["trainable_parameters"] > 0
+        losses[v] = [json.loads(x)["loss"] for x in (d / "train_log.jsonl").read_text().splitlines()]
+        assert losses[v][-1] < 0.7 * losses[v][0], losses[v]
+        adapter = load_file(str(d / "adapter" / "adapter_model.safetensors"))
+        assert all(t.dtype == torch.float32 for t in adapter.values())
+    # the same first batch and initialisation: bf16 rounding apart, the same first loss
+    assert losses["lora"][0] == pytest.approx(losses["lora-zero2"][0], rel=0.02)
+    from remix_ds.model import load_for_eval
+
+    d = tmp_path / "run" / "lora" / "stage1"
+    probe = torch.load(d / "probe_logits.pt")
+    model = load_for_eval(str(d / "adapter"), torch.bfloat16, torch.device("cpu"), base=tiny_dir)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=probe["batch"]["input_ids"], attention_mask=probe["batch"]["attention_mask"]).logits
+    mask = probe["batch"]["attention_mask"].bool()
+    assert (logits.float()[mask].argmax(-1) == probe["logits"][mask].argmax(-1)).float().mean() > 0.95
