@@ -10,16 +10,19 @@
 # (about 2.5 GB and 16 GB under $REMIX_DS_CACHE) with the tiny model's locally trained tokenizer.
 #
 # Runs (batch 64 x 64 tokens, bf16, 3 warm-up + 10 timed steps per case; the plain loop of each mode is
-# timed in the same process, right before the DeepSpeed configs it is compared with):
-#   1. llama-1b: full fine-tuning, plain vs ZeRO-2 vs ZeRO-3; padding comparison (naive vs the stage's batching)
-#   2. llama-8b: generation vs teacher-forced scoring; LoRA r=16 on all linear layers, plain vs ZeRO-2 vs ZeRO-3
-#   3. only with BENCH_QLORA=1: llama-8b QLoRA (NF4) r=16, plain vs ZeRO-2 (adds about 2 minutes)
-# Expected: about 4 to 5 minutes on one H100/H200 (much of it writing and loading the 8B weights). Each part has
-# its own time limit (150 s and 300 s; 180 s more for QLoRA), so that a hang cannot lose the other parts' results.
+# timed in the same process, right before the DeepSpeed configs it is compared with; every DeepSpeed case runs
+# as a stage would: on one GPU ZeRO-3 runs as ZeRO-2, and LoRA/QLoRA from zero2 run without ZeRO under autocast):
+#   1. llama-1b: full fine-tuning, plain vs ZeRO-2 vs ZeRO-3; padding comparison (naive padded batching vs the
+#      stage's packing)
+#   2. llama-8b: generation vs teacher-forced scoring; LoRA r=16 on all linear layers, plain vs zero2
+#   3. llama-8b QLoRA (NF4) r=16, plain vs zero2 (skipped with BENCH_QLORA=0, or when bitsandbytes is missing)
+#   4. only with BENCH_AS_WRITTEN=1: llama-8b LoRA with zero2 as written (DeepSpeed bf16 ZeRO-2), to compare
+# Expected: about 5 to 6 minutes on one H100/H200 (much of it writing and loading the 8B weights). Each part has
+# its own time limit (150 s, 300 s, 180 s, 180 s), so that a hang cannot lose the other parts' results.
 #
 # Results: JSON lines appended to $OUT/bench.jsonl when OUT is set (else runs/bench.jsonl), the console log
-# beside them (bench_gpu.log). Optional: BENCH_QLORA=1 adds part 3 (needs bitsandbytes); BENCH_OFFLOAD=1 adds
-# full:zero2_offload on the 1B shape (CPU AdamW, slower); BENCH_STEPS / BENCH_WARMUP change the step counts.
+# beside them (bench_gpu.log). Optional: BENCH_OFFLOAD=1 adds full:zero2_offload on the 1B shape (CPU AdamW,
+# slower); BENCH_STEPS / BENCH_WARMUP change the step counts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,8 +71,15 @@ run() {  # run LIMIT_SECONDS ARGS...: one bench process under its own time limit
 CASES_1B="full:zero2,full:zero3,padding"
 [ "${BENCH_OFFLOAD:-0}" = 1 ] && CASES_1B="full:zero2,full:zero3,full:zero2_offload,padding"
 run 150 --shape llama-1b --cases "$CASES_1B" --padding-mode full --padding-config zero2
-run 300 --shape llama-8b --cases eval,lora:zero2,lora:zero3
-[ "${BENCH_QLORA:-0}" = 1 ] && run 180 --shape llama-8b --cases qlora:zero2
+run 300 --shape llama-8b --cases eval,lora:zero2
+if [ "${BENCH_QLORA:-1}" = 1 ]; then
+    if "$PY" -c "import bitsandbytes" 2>/dev/null; then
+        run 180 --shape llama-8b --cases qlora:zero2
+    else
+        echo "== QLoRA skipped: bitsandbytes is not importable (add its wheel to .whl/)"
+    fi
+fi
+[ "${BENCH_AS_WRITTEN:-0}" = 1 ] && run 180 --shape llama-8b --cases lora:zero2 --no-adapt-zero
 
 echo "== done in $SECONDS s; results in $RESULTS"
 exit $status

@@ -405,7 +405,7 @@ class RemixCase(TrainCase):
     """The stage's own path: resolve_ds_config + load_for_training + Engine, stepped by stage.global_step."""
 
     def __init__(self, path: str, mode: str, lora, ds_config: str, precision: str, global_batch: int,
-                 total_steps: int, pad: int, pack: int = 0):
+                 total_steps: int, pad: int, pack: int = 0, adapt: bool = True):
         from transformers import AutoConfig
 
         from . import dist, stage
@@ -419,7 +419,7 @@ class RemixCase(TrainCase):
         hidden = AutoConfig.from_pretrained(path).hidden_size
         self.ds_cfg = resolve_ds_config(ds_config, global_batch_size=global_batch, micro_batch_size=self.micro,
                                         grad_accum=self.gas, grad_clip=GRAD_CLIP, precision=precision,
-                                        hidden_size=hidden, finetune=mode)
+                                        hidden_size=hidden, finetune=mode, adapt=adapt)
         from .engine import zero_stage
         from .model import release_zero3
 
@@ -615,9 +615,10 @@ class Bench:
         else:
             from .engine import zero_stage
             case = RemixCase(self.path, mode, self.lora, config, self.precision, a.batch, a.warmup + a.steps,
-                             self.pad)
+                             self.pad, adapt=not a.no_adapt_zero)
             rec.update({"zero_stage": zero_stage(case.ds_cfg), "micro_batch": case.micro,
-                        "grad_accum": case.gas})
+                        "grad_accum": case.gas, "adapt_zero": not a.no_adapt_zero,
+                        "torch_autocast": bool(case.ds_cfg.get("torch_autocast", {}).get("enabled"))})
         rec["setup_s"] = round(time.perf_counter() - t0, 2)
         return case
 
@@ -716,7 +717,7 @@ class Bench:
     def run_eval(self) -> None:
         from .data.kvr import kvr_examples
         from .engine import torch_dtype
-        from .evaluate import (default_max_new_tokens, encode_for_scoring, generate, model_logits_fn,
+        from .evaluate import (default_max_new_tokens, encode_for_scoring, generate, model_predict_fn,
                                teacher_forced_correct)
         from .model import load_for_eval
 
@@ -732,7 +733,7 @@ class Bench:
                 prompts = [ex.prompt for ex in examples]
                 max_new = default_max_new_tokens(self.tok, examples)
                 enc = encode_for_scoring(self.tok, examples)
-                logits_fn = model_logits_fn(model, self.device)
+                logits_fn = model_predict_fn(model, self.device)
                 generate(model, self.tok, prompts[:a.batch], a.batch, max_new, self.device)       # warm-up
                 teacher_forced_correct(logits_fn, enc[:a.batch], a.batch, self.pad)
                 _sync(self.device)
@@ -956,6 +957,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--padding-mode", default="full", choices=list(MODES[:2]),
                    help="padding bench: fine-tuning mode of its engine (default full)")
     p.add_argument("--padding-config", default="zero2", help="padding bench: ds_config (default zero2)")
+    p.add_argument("--no-adapt-zero", action="store_true",
+                   help="run each ds_config as written (a stage's adapt_zero: false); default: as a stage does, "
+                        "ZeRO-3 on one process as ZeRO-2 and LoRA/QLoRA at ZeRO-1/2 without ZeRO, under autocast")
     p.add_argument("--no-packing", action="store_true",
                    help="padding bench: run the stage with packing off (default: on, as `packing: true`)")
     p.add_argument("--eval-questions", type=int, default=None, help="eval bench: questions (default 2 x batch)")

@@ -170,6 +170,15 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
+def answer_argmax(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Greedy next tokens [B, L-1] where the next label is trained (-1 elsewhere): the output layer and the
+    argmax run only over those positions, never over the full [B, L, vocab] logits."""
+    keep = labels[:, 1:] != -100
+    pred = torch.full(keep.shape, -1, dtype=torch.long, device=hidden.device)
+    pred[keep] = head(hidden[:, :-1][keep]).argmax(-1)
+    return pred
+
+
 class AnswerLoss(torch.nn.Module):
     """The causal LM with its output layer applied only where it is needed.
 
@@ -185,11 +194,13 @@ class AnswerLoss(torch.nn.Module):
         self._decoder = base.get_decoder()
         self._head = base.get_output_embeddings()
 
-    def forward(self, input_ids, attention_mask, labels=None, position_ids=None):
+    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, predict=False):
         hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state
         if labels is None:
             return self._head(hidden)
+        if predict:   # teacher-forced scoring: the greedy token at each answer position
+            return answer_argmax(hidden, self._head, labels)
         target = labels[:, 1:]
         keep = target != -100
         logits = self._head(hidden[:, :-1][keep])
@@ -262,6 +273,12 @@ class Engine:
 
     def logits(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         return self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+
+    def predict(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Greedy next tokens at the answer positions of a labelled batch ([B, L-1], -1 elsewhere)."""
+        with torch.no_grad():
+            return self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                               batch["labels"].to(self.device), None, True)
 
     def micro_step(self, batch: Dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         """Forward + backward of one micro-batch; the loss is the token-loss sum times ``scale``.

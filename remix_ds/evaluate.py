@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .data.example import Example
 from .data.formatting import IGNORE, Encoded, collate, collate_prompts, encode_example, pad_id_of, prompt_ids
-from .engine import write_json_atomic
+from .engine import answer_argmax, write_json_atomic
 from .errors import ConfigError
 from .metrics import aggregate, alias_match, exact_match, is_task_source, normalize, score_example  # noqa: F401
 
@@ -196,9 +196,10 @@ def teacher_forced_scores(logits_fn: Callable[[Dict[str, torch.Tensor]], torch.T
     for b in range(n_batches):
         chunk = by_len[b * batch_size:(b + 1) * batch_size]
         batch = collate([encoded[i] for i in chunk] or [encoded[0]], pad_id)  # a dummy keeps collectives in step
-        logits = logits_fn(batch)
-        labels = batch["labels"].to(logits.device)
-        pred = logits[:, :-1].argmax(-1)
+        out = logits_fn(batch)
+        labels = batch["labels"].to(out.device)
+        # full logits [B, L, V], or a scorer's argmax already taken at the answer positions [B, L-1]
+        pred = out[:, :-1].argmax(-1) if out.dim() == 3 else out
         gold = labels[:, 1:]
         answer = gold != IGNORE
         ok = ((pred == gold) | ~answer).all(dim=1)
@@ -238,9 +239,28 @@ def encode_for_scoring(tokenizer, examples: Sequence[Example]) -> List[Encoded]:
 
 
 def model_logits_fn(model, device: torch.device) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
+    """Full logits of a batch (what the logit lens and probes need)."""
     def fn(batch):
         return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                      use_cache=False).logits
+    return fn
+
+
+def model_predict_fn(model, device: torch.device) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
+    """Teacher-forced scoring's forward pass: the decoder over the batch, the LM head on answer positions only
+    (``answer_argmax``). Falls back to full logits for a model without get_decoder()."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        decoder = head = None
+    if decoder is None or head is None:
+        return model_logits_fn(model, device)
+
+    def fn(batch):
+        hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                         use_cache=False).last_hidden_state
+        return answer_argmax(hidden, head, batch["labels"].to(device))
     return fn
 
 
@@ -256,7 +276,7 @@ def evaluate_teacher_forced(model, tokenizer, examples: Sequence[Example], *, ba
     t0 = time.time()
     model.eval()
     enc = encode_for_scoring(tokenizer, examples)
-    res = teacher_forced_scores(model_logits_fn(model, device), enc, batch_size, pad_id_of(tokenizer))
+    res = teacher_forced_scores(model_predict_fn(model, device), enc, batch_size, pad_id_of(tokenizer))
     mine = [(i, ok, tokenizer.decode(prefix, skip_special_tokens=True)) for i, ok, prefix in res]
     correct = [False] * len(examples)
     predictions = [""] * len(examples)

@@ -37,7 +37,7 @@ def score_known(model, tokenizer, examples, *, scorer: str = "generate", match: 
     import torch
 
     from .data.formatting import encode_example, pad_id_of
-    from .evaluate import generate, teacher_forced_scores
+    from .evaluate import generate, model_predict_fn, teacher_forced_scores
     from .metrics import score_example
 
     if scorer not in SCORERS:
@@ -55,14 +55,14 @@ def score_known(model, tokenizer, examples, *, scorer: str = "generate", match: 
             known.append(bool(row["correct"]) or (match == "alias" and bool(row.get("alias_match"))))
         return known, list(preds)
     encoded = [encode_example(tokenizer, ex, i) for i, ex in enumerate(examples)]
+    predict = model_predict_fn(model, device)
 
-    def logits_fn(batch):
+    def predict_fn(batch):
         with torch.no_grad():
-            return model(input_ids=batch["input_ids"].to(device),
-                         attention_mask=batch["attention_mask"].to(device)).logits
+            return predict(batch)
 
     known = [False] * len(encoded)
-    for i, ok, _ in teacher_forced_scores(logits_fn, encoded, batch_size, pad_id_of(tokenizer)):
+    for i, ok, _ in teacher_forced_scores(predict_fn, encoded, batch_size, pad_id_of(tokenizer)):
         known[i] = bool(ok)
     return known, [None] * len(encoded)
 

@@ -334,7 +334,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
             step += 1
             window_tokens += sum(e.num_answer_tokens for e in chunk)
             bar.update(1)
-            if step % log_every == 0 or s == steps_per_epoch - 1:
+            due = bool(spec.save_every) and step % spec.save_every == 0 and s < steps_per_epoch - 1
+            if step % log_every == 0 or s == steps_per_epoch - 1 or due:   # a checkpoint keeps no open window
                 total = dist.all_reduce_sum(window_loss.clone())
                 last_loss = float(total) / max(1, window_tokens)
                 window_loss.zero_()
@@ -352,7 +353,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         epochs_run = epoch + 1
         if tracked:
             eng.eval()
-            accs = {key: teacher_forced_accuracy(eng.logits, e, max(micro, 16), pad) for key, e in tracked.items()}
+            accs = {key: teacher_forced_accuracy(eng.predict, e, max(micro, 16), pad) for key, e in tracked.items()}
             record({"epoch": epochs_run, "step": step, "teacher_forced_accuracy": accs,
                     "time": round(time.time() - t0, 3)})
             if dist.is_main():
@@ -364,7 +365,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
             acc = accs.get(spec.data)
             if acc is None:
                 eng.eval()
-                acc = teacher_forced_accuracy(eng.logits, own_eval, max(micro, 16), pad)
+                acc = teacher_forced_accuracy(eng.predict, own_eval, max(micro, 16), pad)
             if acc >= 1.0:
                 stopped_by = "accuracy"
                 break

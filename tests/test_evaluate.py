@@ -131,10 +131,15 @@ def test_teacher_forced_exact_match_equals_greedy_exact_token_match(trained):
     from remix_ds.data.formatting import answer_ids, pad_id_of
     from remix_ds.evaluate import encode_for_scoring, generate_token_ids, model_logits_fn, teacher_forced_scores
 
+    from remix_ds.evaluate import model_predict_fn
+
     model, tok, examples = trained
     cpu = torch.device("cpu")
     tf = teacher_forced_scores(model_logits_fn(model, cpu), encode_for_scoring(tok, examples), 8, pad_id_of(tok))
     assert [i for i, _, _ in tf] == list(range(len(examples)))
+    # the LM head on answer positions only: the same verdicts and prefixes as from the full logits
+    assert teacher_forced_scores(model_predict_fn(model, cpu), encode_for_scoring(tok, examples), 8,
+                                 pad_id_of(tok)) == tf
     gen = generate_token_ids(model, tok, [e.prompt for e in examples], 7, 16, cpu)
     n_right = n_wrong_late = 0
     for (i, ok, prefix), g, ex in zip(tf, gen, examples):
