@@ -136,6 +136,7 @@ class StageSpec:
     loss_patience: int = 10
     log_every: int = 10           # log the loss every N steps (and at each epoch end and checkpoint): a host sync
     save_dtype: str = "auto"      # auto: bf16 when training in bf16, else the training dtype
+    gradient_checkpointing: bool = False   # recompute activations in backward: only when memory needs it
     adapt_zero: bool = True       # choose the ZeRO stage by world size and mode (see engine.resolve_ds_config)
     packing: bool = True          # pack each micro-batch into rows of max_seq_length (per-example attention)
     save_every: int = 0           # DeepSpeed checkpoint every N optimizer steps (0: none)

@@ -39,12 +39,15 @@ def quantization_config(dtype: torch.dtype, ds_config: Optional[Dict[str, Any]] 
 
 
 def load_for_training(path: str, finetune: str, lora: LoraSpec, ds_config: Dict[str, Any], dtype: torch.dtype,
-                      frozen_adapters: Sequence[str] = ()) -> Tuple[torch.nn.Module, Any]:
+                      frozen_adapters: Sequence[str] = (), gradient_checkpointing: bool = False
+                      ) -> Tuple[torch.nn.Module, Any]:
     """The model to hand to DeepSpeed, and an object to keep alive while the engine lives.
 
     Under ZeRO-3 the weights are loaded partitioned (``zero.Init`` through HfDeepSpeedConfig), so a
     large model never materialises whole on one device. ``frozen_adapters`` (earlier stages trained
     with ``merge: false``) are loaded, kept active and frozen; a new adapter is trained on top.
+    ``gradient_checkpointing``: recompute each decoder layer's activations in the backward pass
+    (non-reentrant), trading about a third more compute for activation memory.
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -58,6 +61,11 @@ def load_for_training(path: str, finetune: str, lora: LoraSpec, ds_config: Dict[
             kwargs["device_map"] = {"": dist.local_rank()}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
+    if gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if finetune in ("lora", "qlora"):
         from peft import LoraConfig, PeftModel, get_peft_model
 

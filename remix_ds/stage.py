@@ -282,7 +282,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                  micro, gas, world)
 
     torch.manual_seed(recipe.seed * 7 + k)  # adapter initialisation (and any dropout) is reproducible
-    model, keep = load_for_training(base, spec.finetune, spec.lora, ds_cfg, dtype, frozen_adapters=frozen)
+    model, keep = load_for_training(base, spec.finetune, spec.lora, ds_cfg, dtype, frozen_adapters=frozen,
+                                    gradient_checkpointing=spec.gradient_checkpointing)
     eng = Engine(model, ds_cfg, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
                  total_steps=total_steps, warmup_ratio=spec.warmup_ratio)
     trainable = [p for p in eng.module.parameters() if p.requires_grad]

@@ -96,3 +96,74 @@ def test_lora_in_bf16_trains_under_torch_autocast_like_deepspeed_bf16(tmp_path, 
         logits = model(input_ids=probe["batch"]["input_ids"], attention_mask=probe["batch"]["attention_mask"]).logits
     mask = probe["batch"]["attention_mask"].bool()
     assert (logits.float()[mask].argmax(-1) == probe["logits"][mask].argmax(-1)).float().mean() > 0.95
+
+
+GC_RECIPE = """
+name: gc
+output_dir: {out}
+model: tiny
+max_seq_length: 48
+datasets:
+  A: {{source: kvr, num_examples: 16}}
+  B: {{source: kvrB, num_examples: 16}}
+stage1: {{data: A, finetune: full, stop: fixed, epochs: 2, lr: 3.0e-3, global_batch_size: 8, track: false,
+          log_every: 1}}
+stage2: {{data: B, finetune: full, stop: fixed, epochs: 1, global_batch_size: 8}}
+variants:
+  - name: plain
+  - name: gc
+    stage1: {{gradient_checkpointing: true}}
+  - name: gc-lora
+    stage1: {{gradient_checkpointing: true, finetune: lora, lr: 1.0e-2, lora: {{r: 8, alpha: 16}}, merge: false}}
+    stage2: {{finetune: lora}}
+"""
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_dir):
+    """Recomputing activations changes memory, not the maths: the same losses and final weights (fp32);
+    with LoRA (frozen base, non-reentrant checkpointing) the adapter still learns."""
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", GC_RECIPE.format(out=tmp_path / "run"))
+    res = run_cli([sys.executable, "launch/stage1.py", "--config", str(recipe)], timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    run = tmp_path / "run"
+    logs = {v: [json.loads(x)["loss"] for x in (run / v / "stage1" / "train_log.jsonl").read_text().splitlines()]
+            for v in ("plain", "gc", "gc-lora")}
+    assert len(logs["plain"]) == 4 and logs["gc"] == pytest.approx(logs["plain"], rel=1e-5)
+    a = load_file(str(run / "plain" / "stage1" / "model" / "model.safetensors"))
+    b = load_file(str(run / "gc" / "stage1" / "model" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
+    assert logs["gc-lora"][-1] < logs["gc-lora"][0]
+    adapter = load_file(str(run / "gc-lora" / "stage1" / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in adapter.items())
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_gradient_checkpointing_recomputes_layers_in_the_answer_loss_backward(tiny_dir, gc):
+    """The stage's loss module calls the decoder directly: checkpointing must still recompute each layer."""
+    import torch
+
+    from remix_ds.config import LoraSpec
+    from remix_ds.data.formatting import collate, encode_example, pad_id_of
+    from remix_ds.data.kvr import kvr_examples
+    from remix_ds.engine import AnswerLoss
+    from remix_ds.model import load_for_training, load_tokenizer
+
+    tok = load_tokenizer(tiny_dir)
+    for finetune in ("full", "lora"):
+        model, _ = load_for_training(tiny_dir, finetune, LoraSpec(r=4, alpha=8), {}, torch.float32,
+                                     gradient_checkpointing=gc)
+        model.train()
+        base = model.get_base_model() if finetune == "lora" else model
+        layer = base.model.layers[0]
+        calls = []
+        layer.self_attn.register_forward_hook(lambda *a: calls.append(1))   # recomputation starts here
+        batch = collate([encode_example(tok, e, i) for i, e in enumerate(kvr_examples(4, 0))], pad_id_of(tok))
+        loss = AnswerLoss(model)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        assert len(calls) == 1
+        loss.backward()
+        assert len(calls) == (2 if gc else 1), (finetune, gc, len(calls))
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
