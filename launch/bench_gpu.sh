@@ -21,7 +21,8 @@
 # its own time limit (150 s, 300 s, 180 s, 180 s), so that a hang cannot lose the other parts' results.
 #
 # Results: JSON lines appended to $OUT/bench.jsonl when OUT is set (else runs/bench.jsonl), the console log
-# beside them (bench_gpu.log). Optional: BENCH_OFFLOAD=1 adds full:zero2_offload on the 1B shape (CPU AdamW,
+# beside them (bench_gpu.log), and torch.profiler operator tables of 2 more steps of the 8B LoRA cases
+# (bench.profile-llama-8b-lora-*.txt; BENCH_PROFILE=0: none). Optional: BENCH_OFFLOAD=1 adds full:zero2_offload on the 1B shape (CPU AdamW,
 # slower); BENCH_STEPS / BENCH_WARMUP change the step counts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,7 +72,7 @@ run() {  # run LIMIT_SECONDS ARGS...: one bench process under its own time limit
 CASES_1B="full:zero2,full:zero3,padding"
 [ "${BENCH_OFFLOAD:-0}" = 1 ] && CASES_1B="full:zero2,full:zero3,full:zero2_offload,padding"
 run 150 --shape llama-1b --cases "$CASES_1B" --padding-mode full --padding-config zero2
-run 300 --shape llama-8b --cases eval,lora:zero2
+run 300 --shape llama-8b --cases eval,lora:zero2 --profile "${BENCH_PROFILE:-2}"
 if [ "${BENCH_QLORA:-1}" = 1 ]; then
     if "$PY" -c "import bitsandbytes" 2>/dev/null; then
         run 180 --shape llama-8b --cases qlora:zero2

@@ -521,6 +521,25 @@ def _measure(runners, warmup: int, steps: int, device: torch.device, each: bool)
     return out
 
 
+def profile_steps(case: "TrainCase", batches, steps: int, device: torch.device, path: str) -> str:
+    """Run `steps` more steps under torch.profiler; write the operators by self time (device time on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if _is_cuda(device) else [])
+    before = case.processed_tokens
+    with profile(activities=acts, record_shapes=False) as prof:
+        for i in range(steps):
+            case.step(batches[i % len(batches)])
+        _sync(device)
+    case.processed_tokens = before
+    key = "self_cuda_time_total" if _is_cuda(device) else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"# {steps} steps, operators sorted by {key}\n{table}\n")
+    return path
+
+
 def speed(r: Dict[str, Any], key: str = "tokens_per_s") -> float:
     """The tokens/s a ratio is taken on: the median step's when steps were timed one by one."""
     return r.get(f"{key}_median") or r[key]
@@ -695,6 +714,13 @@ class Bench:
                     if plain_case is not None:
                         rec["mem_metric"] += " (the plain model resident too: interleaved)"
                 rec["status"] = "ok"
+                if a.profile:
+                    stem = os.path.splitext(a.out)[0]
+                    rec["profile_file"] = profile_steps(case, batches, a.profile, self.device,
+                                                        f"{stem}.profile-{a.shape}-{mode}-{cfg}.txt")
+                    if plain_case is not None:   # the plain loop's, beside it
+                        rec["plain_profile_file"] = profile_steps(plain_case, batches, a.profile, self.device,
+                                                                  f"{stem}.profile-{a.shape}-{mode}-plain.txt")
                 if ref and ref.get("status") == "ok":
                     rec["ratio_tokens_per_s"] = round(speed(rec) / speed(ref), 4)
                     rec["ratio_basis"] = "median step" if "tokens_per_s_median" in rec else "mean step"
@@ -957,6 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--padding-mode", default="full", choices=list(MODES[:2]),
                    help="padding bench: fine-tuning mode of its engine (default full)")
     p.add_argument("--padding-config", default="zero2", help="padding bench: ds_config (default zero2)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, run STEPS more steps of each training case under torch.profiler and write "
+                        "its operator table beside --out (<out>.profile-<shape>-<case>.txt); default 0: off")
     p.add_argument("--no-adapt-zero", action="store_true",
                    help="run each ds_config as written (a stage's adapt_zero: false); default: as a stage does, "
                         "ZeRO-3 on one process as ZeRO-2 and LoRA/QLoRA at ZeRO-1/2 without ZeRO, under autocast")

@@ -15,7 +15,7 @@ POSITIVE = ("seconds", "step_time_s", "tokens_per_s", "padfree_tokens_per_s", "p
 def test_bench_tiny_full_lora_qlora_eval_padding(tmp_path, tiny_dir):
     out = tmp_path / "bench.jsonl"
     res = run_cli([sys.executable, "launch/bench.py", "--shape", "tiny", "--cases",
-                   "full:zero2,lora:zero2,qlora:zero2,eval,padding",
+                   "full:zero2,lora:zero2,qlora:zero2,eval,padding", "--profile", "1",
                    "--steps", "2", "--warmup", "1", "--batch", "16", "--seq", "32", "--out", str(out)], timeout=600)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     recs = [json.loads(line) for line in out.read_text().splitlines()]
@@ -36,6 +36,11 @@ def test_bench_tiny_full_lora_qlora_eval_padding(tmp_path, tiny_dir):
         assert r["impl"] == "remix_ds" and r["zero_stage"] == (2 if case == "full:zero2" else 0)
         assert r["ds_config"] == "zero2"
         assert r["ratio_tokens_per_s"] > 0 and isinstance(r["meets_target"], bool)
+    # --profile: operator tables of the remix_ds step and of the plain loop, beside the JSON lines
+    lora = train[("lora:zero2", None)]
+    for key in ("profile_file", "plain_profile_file"):
+        text = open(lora[key]).read()
+        assert lora[key].startswith(str(tmp_path)) and "Self CPU" in text and "aten::" in text
     (ev,) = [r for r in recs if r["bench"] == "eval"]
     assert ev["generate_questions_per_s"] > 0 and ev["teacher_forced_questions_per_s"] > 0 and ev["ratio"] > 0
     assert "ratio" in res.stdout and "full:zero2" in res.stdout
