@@ -289,13 +289,15 @@ def fixed_length_batches(n_batches: int, batch: int, seq: int, vocab: int, seed:
     return out
 
 
-def mixed_examples(n: int, seed: int):
-    """KVR factoids mixed 1:1 with random-word passages (the demo recipe's mixing shape: 8 + 8 words)."""
+def mixed_examples(n: int, seed: int, ratio: float = 1.0, words: int = 8):
+    """KVR factoids mixed with random-word passages, `ratio` passages per factoid (a recipe's mix.ratio), each
+    `words` + `words` words (default: the demo recipe's mixing shape, 1:1 and 8 + 8 words)."""
     from .data.kvr import kvr_examples
     from .data.mixing import random_word_examples
 
-    half = n // 2
-    return kvr_examples(n - half, seed, "A") + random_word_examples(half, seed, prompt_words=8, target_words=8)
+    n_mix = int(round(n * ratio / (1.0 + ratio)))
+    return kvr_examples(n - n_mix, seed, "A") + random_word_examples(n_mix, seed, prompt_words=words,
+                                                                     target_words=words)
 
 
 # ------------------------------------------------------------------ one training case
@@ -814,7 +816,7 @@ class Bench:
 
         a = self.args
         G, n_steps = a.batch, a.warmup + a.steps
-        examples = mixed_examples(G * n_steps, a.seed)
+        examples = mixed_examples(G * n_steps, a.seed, a.padding_mix_ratio, a.padding_words)
         max_seq = a.max_seq
         if max_seq is None:
             longest = max(len(e.input_ids) for e in encode_examples(self.tok, examples, 10 ** 9)[0])
@@ -823,7 +825,7 @@ class Bench:
         lens = sorted(len(e.input_ids) for e in enc)
         kvr_l = [len(e.input_ids) for e, ex in zip(enc, examples) if ex.role != "mix"]
         base = {"bench": "padding", "mode": a.padding_mode, "ds_config": a.padding_config,
-                "packing": not a.no_packing,
+                "packing": not a.no_packing, "mix_ratio": a.padding_mix_ratio, "passage_words": a.padding_words,
                 "max_seq_length": max_seq, "n_examples": len(enc), "n_dropped": dropped,
                 "length_min": lens[0], "length_median": lens[len(lens) // 2], "length_max": lens[-1],
                 "length_mean": round(sum(lens) / len(lens), 1),
@@ -989,6 +991,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-adapt-zero", action="store_true",
                    help="run each ds_config as written (a stage's adapt_zero: false); default: as a stage does, "
                         "ZeRO-3 on one process as ZeRO-2 and LoRA/QLoRA at ZeRO-1/2 without ZeRO, under autocast")
+    p.add_argument("--padding-mix-ratio", type=float, default=1.0,
+                   help="padding bench: mixing passages per factoid (a recipe's mix.ratio; default 1.0)")
+    p.add_argument("--padding-words", type=int, default=8,
+                   help="padding bench: words in each half (prompt, target) of a passage (default 8, the demo's; "
+                        "the study's is 50)")
     p.add_argument("--no-packing", action="store_true",
                    help="padding bench: run the stage with packing off (default: on, as `packing: true`)")
     p.add_argument("--eval-questions", type=int, default=None, help="eval bench: questions (default 2 x batch)")
