@@ -18,7 +18,8 @@
 #   3. llama-8b QLoRA (NF4) r=16, plain vs zero2 (skipped with BENCH_QLORA=0, or when bitsandbytes is missing)
 #   4. only with BENCH_AS_WRITTEN=1: llama-8b LoRA with zero2 as written (DeepSpeed bf16 ZeRO-2), to compare
 # Expected: about 5 to 6 minutes on one H100/H200 (much of it writing and loading the 8B weights). Each part has
-# its own time limit (150 s, 300 s, 180 s, 180 s), so that a hang cannot lose the other parts' results.
+# its own time limit (150 s, 270 s, 150 s, 180 s: the first three fit one 600 s device call), so that a hang
+# cannot lose the other parts' results.
 #
 # Results: JSON lines appended to $OUT/bench.jsonl when OUT is set (else runs/bench.jsonl), the console log
 # beside them (bench_gpu.log), and torch.profiler operator tables of 2 more steps of the 8B LoRA cases
@@ -72,10 +73,10 @@ run() {  # run LIMIT_SECONDS ARGS...: one bench process under its own time limit
 CASES_1B="full:zero2,full:zero3,padding"
 [ "${BENCH_OFFLOAD:-0}" = 1 ] && CASES_1B="full:zero2,full:zero3,full:zero2_offload,padding"
 run 150 --shape llama-1b --cases "$CASES_1B" --padding-mode full --padding-config zero2
-run 300 --shape llama-8b --cases eval,lora:zero2 --profile "${BENCH_PROFILE:-2}"
+run 270 --shape llama-8b --cases eval,lora:zero2 --profile "${BENCH_PROFILE:-2}"
 if [ "${BENCH_QLORA:-1}" = 1 ]; then
     if "$PY" -c "import bitsandbytes" 2>/dev/null; then
-        run 180 --shape llama-8b --cases qlora:zero2
+        run 150 --shape llama-8b --cases qlora:zero2
     else
         echo "== QLoRA skipped: bitsandbytes is not importable (add its wheel to .whl/)"
     fi
