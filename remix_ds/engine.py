@@ -358,6 +358,15 @@ class Engine:
 
     def close(self) -> None:
         self.engine.destroy() if hasattr(self.engine, "destroy") else None
+        if self.ds_config.get("torch_autocast", {}).get("enabled"):
+            # DeepSpeed records torch_autocast in module globals that a later engine of this process (the next
+            # stage, say full fine-tuning in DeepSpeed's own bf16) would read as its own: reset them
+            try:
+                from deepspeed.runtime import torch_autocast as ds_autocast
+                ds_autocast.TORCH_AUTOCAST_INITIALIZED = False
+                ds_autocast.TORCH_AUTOCAST_DTYPE = None
+            except ImportError:
+                pass
         del self.engine, self.optimizer, self.scheduler
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
