@@ -418,10 +418,12 @@ class RemixCase(TrainCase):
         self.world, self.rank = dist.world_size(), dist.rank()
         self.micro, self.gas = stage.batch_plan(self.world, global_batch, None)
         dtype = torch_dtype(precision)
-        hidden = AutoConfig.from_pretrained(path).hidden_size
+        mcfg = AutoConfig.from_pretrained(path)
+        hidden = mcfg.hidden_size
         self.ds_cfg = resolve_ds_config(ds_config, global_batch_size=global_batch, micro_batch_size=self.micro,
                                         grad_accum=self.gas, grad_clip=GRAD_CLIP, precision=precision,
-                                        hidden_size=hidden, finetune=mode, adapt=adapt)
+                                        hidden_size=hidden, finetune=mode, adapt=adapt,
+                                        adapter_tensor_size=lora.r * max(hidden, getattr(mcfg, "intermediate_size", 0)))
         from .engine import zero_stage
         from .model import release_zero3
 

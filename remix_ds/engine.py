@@ -88,12 +88,16 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: int, grad_accum: int,
                       grad_clip: float, precision: str, hidden_size: int, finetune: str = "full",
-                      adapt: bool = True) -> Dict[str, Any]:
+                      adapt: bool = True, adapter_tensor_size: int = 0) -> Dict[str, Any]:
     """Load a ds_config and replace every "auto" with a concrete value; refuse any left over.
 
     With ``adapt`` (a stage's ``adapt_zero``, on by default) the ZeRO stage is chosen by world size and
     mode: ZeRO-3 on one process runs as ZeRO-2 (``effective_zero_stage``), and a LoRA/QLoRA stage at
     ZeRO-1/2 runs without ZeRO, under torch autocast (``adapter_zero_stage``).
+
+    ``adapter_tensor_size``: the largest LoRA tensor (r x the widest projection dimension); a LoRA/QLoRA
+    ZeRO-3 config's "auto" persistence threshold is raised above it, so that the adapters stay whole on every
+    rank (a few MB) and only the frozen base weights are gathered layer by layer.
     """
     cfg = copy.deepcopy(load_ds_config(name))
     src = ds_config_path(name)
@@ -130,7 +134,8 @@ def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: in
                 zo[key] = False
     for key, value in (("reduce_bucket_size", h2), ("allgather_bucket_size", h2),
                        ("stage3_prefetch_bucket_size", int(0.9 * h2)),
-                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+                       ("stage3_param_persistence_threshold",
+                        max(10 * hidden_size, adapter_tensor_size + 1 if finetune in ("lora", "qlora") else 0))):
         if zo.get(key) == "auto":
             zo[key] = value
     if offloads_optimizer(cfg):

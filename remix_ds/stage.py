@@ -259,11 +259,13 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     precision = resolve_precision(recipe.precision)
     dtype = torch_dtype(precision)
     from transformers import AutoConfig
-    hidden = AutoConfig.from_pretrained(base).hidden_size
+    mcfg = AutoConfig.from_pretrained(base)
+    hidden = mcfg.hidden_size
     ds_cfg = resolve_ds_config(spec.ds_config or recipe.ds_config, global_batch_size=spec.global_batch_size,
                                micro_batch_size=micro, grad_accum=gas, grad_clip=spec.grad_clip,
                                precision=precision, hidden_size=hidden, finetune=spec.finetune,
-                               adapt=spec.adapt_zero)
+                               adapt=spec.adapt_zero, adapter_tensor_size=spec.lora.r * max(
+                                   hidden, getattr(mcfg, "intermediate_size", 0) or 0))
     G = spec.global_batch_size
     steps_per_epoch = math.ceil(len(enc) / G)
     total_steps = steps_per_epoch * spec.epochs

@@ -39,6 +39,17 @@ def test_adapters_run_without_zero_under_torch_autocast(finetune, name):
     assert kept["zero_optimization"]["stage"] == int(name[-1]) and "torch_autocast" not in kept
 
 
+def test_zero3_keeps_lora_adapters_whole_on_every_rank():
+    """Under ZeRO-3 (kept as written here) the "auto" persistence threshold rises above the largest adapter
+    tensor for LoRA, and stays 10 x hidden for full fine-tuning."""
+    lora = resolve_ds_config("zero3", precision="bf16", finetune="lora", adapt=False, adapter_tensor_size=8 * 512,
+                             **KW)
+    assert lora["zero_optimization"]["stage3_param_persistence_threshold"] == 8 * 512 + 1
+    full = resolve_ds_config("zero3", precision="bf16", finetune="full", adapt=False, adapter_tensor_size=8 * 512,
+                             **KW)
+    assert full["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * 128
+
+
 RECIPE = """
 name: bf16
 output_dir: {out}
