@@ -185,6 +185,8 @@ def latest_checkpoint(root: Path, h: str) -> Optional[str]:
 
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Remove incomplete checkpoints and all but the newest `keep` complete ones."""
+    if not root.is_dir():
+        return
     complete = []
     for d in root.iterdir():
         if not d.is_dir():
@@ -321,10 +323,15 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
             return
         loop = {"step": step, "epoch": next_epoch, "s": next_s, "below": below, "accs": accs,
                 "last_loss": last_loss, "t": time.time() - t0}
+        # make room first, so that no more than keep_checkpoints complete ones exist at any moment (a kill
+        # between the new marker and a later prune would leave one too many); keep 1: prune after instead
+        if dist.is_main():
+            prune_checkpoints(ckpt_root, max(1, spec.keep_checkpoints - 1))
+        dist.barrier()   # no rank starts writing the new tag while rank 0 removes incomplete ones
         eng.save_checkpoint(str(ckpt_root), f"step{step}", {"loop": loop, "rng": torch.get_rng_state()},
                             marker={"step": step, "hash": h})
-        if dist.is_main():
-            prune_checkpoints(ckpt_root, spec.keep_checkpoints)
+        if dist.is_main() and spec.keep_checkpoints == 1:
+            prune_checkpoints(ckpt_root, 1)
 
     bar = tqdm(total=total_steps, initial=step, desc=f"{variant.name}/stage{k}", disable=not dist.is_main(),
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
