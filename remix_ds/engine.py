@@ -263,8 +263,18 @@ class Engine:
         opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                 **({"fused": True} if fused else {}))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total_steps, warmup_ratio))
+        # Without ZeRO and without a loss scaler, DeepSpeed clips with a per-parameter norm loop and builds
+        # small tensors from host floats (a device sync every step); torch's foreach clip_grad_norm_ on the
+        # same (already all-reduced) gradients is the same arithmetic without the sync.
+        self._clip, self._params = 0.0, params
+        init_cfg = ds_config
+        if zero_stage(ds_config) == 0 and not any(ds_config.get(k, {}).get("enabled") for k in ("fp16", "bf16")) \
+                and ds_config.get("torch_autocast", {}).get("dtype") not in ("float16", "fp16", "half") \
+                and float(ds_config.get("gradient_clipping", 0) or 0) > 0:
+            self._clip = float(ds_config["gradient_clipping"])
+            init_cfg = {**ds_config, "gradient_clipping": 0.0}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=AnswerLoss(model), optimizer=opt, lr_scheduler=sched, config=ds_config)
+            model=AnswerLoss(model), optimizer=opt, lr_scheduler=sched, config=init_cfg)
         self.zero_stage = zero_stage(ds_config)
         self.device = self.engine.device
 
@@ -298,6 +308,8 @@ class Engine:
         return loss_sum.detach()
 
     def step(self) -> None:
+        if self._clip and self.engine.is_gradient_accumulation_boundary():
+            torch.nn.utils.clip_grad_norm_(self._params, self._clip)
         self.engine.step()
 
     def eval(self):

@@ -178,3 +178,47 @@ def test_gradient_checkpointing_recomputes_layers_in_the_answer_loss_backward(ti
         loss.backward()
         assert len(calls) == (2 if gc else 1), (finetune, gc, len(calls))
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+CLIP_RECIPE = """
+name: clip
+output_dir: {out}
+model: tiny
+max_seq_length: 48
+datasets:
+  A: {{source: kvr, num_examples: 16}}
+  B: {{source: kvrB, num_examples: 16}}
+stage1: {{data: A, finetune: lora, stop: fixed, epochs: 2, lr: 1.0e-2, global_batch_size: 8, track: false,
+          log_every: 1, merge: false, lora: {{r: 8, alpha: 16}}, grad_clip: 0.05}}
+stage2: {{data: B, finetune: lora, stop: fixed, epochs: 1, global_batch_size: 8}}
+variants:
+  - name: stage0
+  - name: zero2
+    stage1: {{adapt_zero: false}}
+  - name: noclip
+    stage1: {{grad_clip: 1.0e+6}}
+"""
+
+
+def test_lora_without_zero_clips_gradients_as_deepspeed_zero2_does(tmp_path, tiny_dir):
+    """Without ZeRO the engine clips with torch's clip_grad_norm_ (no host sync); fp32 ZeRO-2 clips inside
+    DeepSpeed: the same losses and adapters. A clip too large to act gives other ones (the clip is active)."""
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", CLIP_RECIPE.format(out=tmp_path / "run"))
+    res = run_cli([sys.executable, "launch/stage1.py", "--config", str(recipe)], timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    run = tmp_path / "run"
+    loss, adapter = {}, {}
+    for v in ("stage0", "zero2", "noclip"):
+        d = run / v / "stage1"
+        assert json.load(open(d / "DONE.json"))["summary"]["zero_stage"] == (2 if v == "zero2" else 0)
+        loss[v] = [json.loads(x)["loss"] for x in (d / "train_log.jsonl").read_text().splitlines()]
+        adapter[v] = load_file(str(d / "adapter" / "adapter_model.safetensors"))
+    assert len(loss["stage0"]) == 4
+    assert loss["stage0"] == pytest.approx(loss["zero2"], rel=1e-4)
+    total = sum(t.numel() for t in adapter["stage0"].values())
+    differ = sum(int(((adapter["stage0"][k] - adapter["zero2"][k]).abs() > 1e-4).sum()) for k in adapter["stage0"])
+    assert differ <= 0.01 * total, (differ, total)
+    assert abs(loss["noclip"][-1] - loss["stage0"][-1]) > 1e-3, loss
