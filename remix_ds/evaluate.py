@@ -257,9 +257,8 @@ def model_predict_fn(model, device: torch.device) -> Callable[[Dict[str, torch.T
     if decoder is None or head is None:
         return model_logits_fn(model, device)
 
-    def fn(batch):
-        hidden = decoder(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         use_cache=False).last_hidden_state
+    def fn(batch):   # right-padded (collate): causal attention needs no mask (see engine.AnswerLoss)
+        hidden = decoder(input_ids=batch["input_ids"].to(device), use_cache=False).last_hidden_state
         return answer_argmax(hidden, head, batch["labels"].to(device))
     return fn
 
