@@ -62,3 +62,35 @@ def test_bench_cases_parse():
     plan = parse_cases("eval,full:zero2,lora,qlora:plain,full:zero3_offload,padding")
     assert plan == [("eval", []), ("full", ["zero2", "zero3_offload"]), ("lora", ["zero2", "zero3"]),
                     ("qlora", ["plain"]), ("padding", [])]
+
+
+def test_gpu_script_invocations_parse(tmp_path):
+    """launch/bench_gpu.sh runs on scarce, network-less GPU time: every bench command line it can issue must
+    parse here (with the optional parts switched on), and name only known cases and ds_configs."""
+    import re
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from remix_ds.bench import build_parser, parse_cases
+    from remix_ds.engine import ds_config_path
+
+    script = Path(__file__).resolve().parent.parent / "launch" / "bench_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    env = {"WARMUP": "3", "STEPS": "10", "RESULTS": str(tmp_path / "b.jsonl"),
+           "CASES_1B": "full:zero2,full:zero3,full:zero2_offload,padding", "{BENCH_PROFILE:-2}": "2"}
+    common = re.search(r"^COMMON=\((.*)\)$", text, re.M).group(1)
+    lines = re.findall(r"\brun (\d+) (--shape .*)$", text, re.M)
+    assert len(lines) == 4 and sum(int(limit) for limit, _ in lines[:3]) <= 590
+    for _, args in lines:
+        cmd = f"{args} {common}"
+        for k, v in env.items():
+            cmd = cmd.replace("${" + k + "}" if not k.startswith("{") else "$" + k, v).replace("$" + k, v)
+        argv = shlex.split(cmd)
+        ns = build_parser().parse_args(argv)
+        assert ns.shape in ("llama-1b", "llama-8b") and ns.batch == 64 and ns.precision == "bf16"
+        for mode, configs in parse_cases(ns.cases):
+            for c in configs:
+                if c != "plain":
+                    ds_config_path(c)   # raises for an unknown config
