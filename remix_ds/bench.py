@@ -411,7 +411,7 @@ class RemixCase(TrainCase):
         from transformers import AutoConfig
 
         from . import dist, stage
-        from .engine import Engine, resolve_ds_config, torch_dtype
+        from .engine import Engine, adapter_tensor_size, resolve_ds_config, torch_dtype
         from .model import load_for_training
 
         self.stage, self.pad, self.pack = stage, pad, pack
@@ -419,11 +419,10 @@ class RemixCase(TrainCase):
         self.micro, self.gas = stage.batch_plan(self.world, global_batch, None)
         dtype = torch_dtype(precision)
         mcfg = AutoConfig.from_pretrained(path)
-        hidden = mcfg.hidden_size
         self.ds_cfg = resolve_ds_config(ds_config, global_batch_size=global_batch, micro_batch_size=self.micro,
                                         grad_accum=self.gas, grad_clip=GRAD_CLIP, precision=precision,
-                                        hidden_size=hidden, finetune=mode, adapt=adapt,
-                                        adapter_tensor_size=lora.r * max(hidden, getattr(mcfg, "intermediate_size", 0)))
+                                        hidden_size=mcfg.hidden_size, finetune=mode, adapt=adapt,
+                                        adapter_tensor_size=adapter_tensor_size(lora.r, mcfg))
         from .engine import zero_stage
         from .model import release_zero3
 
@@ -637,12 +636,12 @@ class Bench:
         if config == PLAIN:
             case: TrainCase = PlainCase(self.path, mode, self.lora, self.precision, self.device, self.pad)
         else:
-            from .engine import zero_stage
+            from .engine import uses_torch_autocast, zero_stage
             case = RemixCase(self.path, mode, self.lora, config, self.precision, a.batch, a.warmup + a.steps,
                              self.pad, adapt=not a.no_adapt_zero)
             rec.update({"zero_stage": zero_stage(case.ds_cfg), "micro_batch": case.micro,
                         "grad_accum": case.gas, "adapt_zero": not a.no_adapt_zero,
-                        "torch_autocast": bool(case.ds_cfg.get("torch_autocast", {}).get("enabled"))})
+                        "torch_autocast": uses_torch_autocast(case.ds_cfg)})
         rec["setup_s"] = round(time.perf_counter() - t0, 2)
         return case
 
@@ -679,6 +678,7 @@ class Bench:
         want_plain = PLAIN in configs or bool(ds_configs) and not (mode == "qlora" and qlora_unsupported_reason())
         pair = self.interleave and bool(ds_configs)
         plain_rec: Optional[Dict[str, Any]] = None
+        plain_profile: Optional[str] = None
         plain_case: Optional[TrainCase] = None
         if want_plain:
             plain_rec = self._train_record(mode, PLAIN)
@@ -723,9 +723,11 @@ class Bench:
                     stem = os.path.splitext(a.out)[0]
                     rec["profile_file"] = profile_steps(case, batches, a.profile, self.device,
                                                         f"{stem}.profile-{a.shape}-{mode}-{cfg}.txt")
-                    if plain_case is not None:   # the plain loop's, beside it
-                        rec["plain_profile_file"] = profile_steps(plain_case, batches, a.profile, self.device,
-                                                                  f"{stem}.profile-{a.shape}-{mode}-plain.txt")
+                    if plain_case is not None:   # the plain loop's, beside it (profiled once per mode)
+                        if plain_profile is None:
+                            plain_profile = profile_steps(plain_case, batches, a.profile, self.device,
+                                                          f"{stem}.profile-{a.shape}-{mode}-plain.txt")
+                        rec["plain_profile_file"] = plain_profile
                 if ref and ref.get("status") == "ok":
                     rec["ratio_tokens_per_s"] = round(speed(rec) / speed(ref), 4)
                     rec["ratio_basis"] = "median step" if "tokens_per_s_median" in rec else "mean step"

@@ -69,6 +69,15 @@ def offloads_params(cfg: Dict[str, Any]) -> bool:
     return cfg.get("zero_optimization", {}).get("offload_param", {}).get("device", "none") not in ("none", None)
 
 
+def uses_torch_autocast(cfg: Dict[str, Any]) -> bool:
+    return bool(cfg.get("torch_autocast", {}).get("enabled"))
+
+
+def adapter_tensor_size(lora_r: int, model_config) -> int:
+    """The largest LoRA tensor of a model: r x its widest projection dimension (for ZeRO-3 persistence)."""
+    return lora_r * max(model_config.hidden_size, getattr(model_config, "intermediate_size", 0) or 0)
+
+
 def offloads_optimizer(cfg: Dict[str, Any]) -> bool:
     return cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
@@ -175,12 +184,20 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
+def _answer_logits(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor):
+    """The output layer at the positions whose next token is trained only: (logits [n, vocab], their next
+    tokens [n], the [B, L-1] mask of those positions)."""
+    target = labels[:, 1:]
+    keep = target != -100
+    return head(hidden[:, :-1][keep]), target[keep], keep
+
+
 def answer_argmax(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
     """Greedy next tokens [B, L-1] where the next label is trained (-1 elsewhere): the output layer and the
     argmax run only over those positions, never over the full [B, L, vocab] logits."""
-    keep = labels[:, 1:] != -100
+    logits, _, keep = _answer_logits(hidden, head, labels)
     pred = torch.full(keep.shape, -1, dtype=torch.long, device=hidden.device)
-    pred[keep] = head(hidden[:, :-1][keep]).argmax(-1)
+    pred[keep] = logits.argmax(-1)
     return pred
 
 
@@ -214,10 +231,8 @@ class AnswerLoss(torch.nn.Module):
             return self._head(hidden)
         if predict:   # teacher-forced scoring: the greedy token at each answer position
             return answer_argmax(hidden, self._head, labels)
-        target = labels[:, 1:]
-        keep = target != -100
-        logits = self._head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), target[keep], reduction="sum")
+        logits, target, _ = _answer_logits(hidden, self._head, labels)
+        return F.cross_entropy(logits.float(), target, reduction="sum")
 
 
 def effective_zero_stage(cfg: Dict[str, Any], world_size: int) -> Dict[str, Any]:
@@ -383,7 +398,7 @@ class Engine:
 
     def close(self) -> None:
         self.engine.destroy() if hasattr(self.engine, "destroy") else None
-        if self.ds_config.get("torch_autocast", {}).get("enabled"):
+        if uses_torch_autocast(self.ds_config):
             # DeepSpeed records torch_autocast in module globals that a later engine of this process (the next
             # stage, say full fine-tuning in DeepSpeed's own bf16) would read as its own: reset them
             try:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .data.example import Example
 from .data.formatting import IGNORE, Encoded, collate, collate_prompts, encode_example, pad_id_of, prompt_ids
-from .engine import answer_argmax, write_json_atomic
+from .engine import AnswerLoss, write_json_atomic
 from .errors import ConfigError
 from .metrics import aggregate, alias_match, exact_match, is_task_source, normalize, score_example  # noqa: F401
 
@@ -247,19 +247,19 @@ def model_logits_fn(model, device: torch.device) -> Callable[[Dict[str, torch.Te
 
 
 def model_predict_fn(model, device: torch.device) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
-    """Teacher-forced scoring's forward pass: the decoder over the batch, the LM head on answer positions only
-    (``answer_argmax``). Falls back to full logits for a model without get_decoder()."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """Teacher-forced scoring's forward pass, the training loss's module (``engine.AnswerLoss``) in predict
+    mode: the decoder over the batch, the LM head on answer positions only. Falls back to full logits for a
+    model without a decoder / output layer to split."""
     try:
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        scorer = AnswerLoss(model)
     except (AttributeError, NotImplementedError):
-        decoder = head = None
-    if decoder is None or head is None:
+        scorer = None
+    if scorer is None or scorer._decoder is None or scorer._head is None:
         return model_logits_fn(model, device)
 
-    def fn(batch):   # right-padded (collate): causal attention needs no mask (see engine.AnswerLoss)
-        hidden = decoder(input_ids=batch["input_ids"].to(device), use_cache=False).last_hidden_state
-        return answer_argmax(hidden, head, batch["labels"].to(device))
+    def fn(batch):
+        return scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
+                      predict=True)
     return fn
 
 

@@ -34,8 +34,6 @@ def score_known(model, tokenizer, examples, *, scorer: str = "generate", match: 
                 batch_size: int = 64, max_new_tokens: Optional[int] = None, device=None
                 ) -> Tuple[List[bool], List[Optional[str]]]:
     """Per example: whether the model already knows it, and its greedy prediction (None if teacher-forced)."""
-    import torch
-
     from .data.formatting import encode_example, pad_id_of
     from .evaluate import generate, model_predict_fn, teacher_forced_scores
     from .metrics import score_example
@@ -55,14 +53,9 @@ def score_known(model, tokenizer, examples, *, scorer: str = "generate", match: 
             known.append(bool(row["correct"]) or (match == "alias" and bool(row.get("alias_match"))))
         return known, list(preds)
     encoded = [encode_example(tokenizer, ex, i) for i, ex in enumerate(examples)]
-    predict = model_predict_fn(model, device)
-
-    def predict_fn(batch):
-        with torch.no_grad():
-            return predict(batch)
-
     known = [False] * len(encoded)
-    for i, ok, _ in teacher_forced_scores(predict_fn, encoded, batch_size, pad_id_of(tokenizer)):
+    for i, ok, _ in teacher_forced_scores(model_predict_fn(model, device), encoded, batch_size,
+                                          pad_id_of(tokenizer)):
         known[i] = bool(ok)
     return known, [None] * len(encoded)
 

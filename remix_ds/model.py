@@ -26,6 +26,11 @@ def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
+def param_count(params) -> int:
+    """Elements of the parameters, counting a ZeRO-3 partitioned one at its full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in params)
+
+
 def quantization_config(dtype: torch.dtype, ds_config: Optional[Dict[str, Any]] = None):
     """QLoRA: NF4 with double quantisation; under ZeRO-3 the 4-bit storage dtype equals the compute dtype
     (so DeepSpeed can partition the packed weights like any other tensor)."""
@@ -82,8 +87,7 @@ def load_for_training(path: str, finetune: str, lora: LoraSpec, ds_config: Dict[
                 p.requires_grad = ".default." in n and "lora_" in n
         else:
             model = get_peft_model(model, cfg)
-        n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                      for p in model.parameters() if p.requires_grad)
+        n_train = param_count(p for p in model.parameters() if p.requires_grad)
         log.info("%s r=%d alpha=%d on %s: %d trainable parameters%s", finetune, lora.r, lora.alpha,
                  ",".join(lora.target_modules), n_train,
                  f" (+{len(frozen_adapters)} frozen adapter(s))" if frozen_adapters else "")

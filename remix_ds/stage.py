@@ -28,12 +28,12 @@ from . import dist
 from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
 from .data.formatting import Encoded, collate, collate_packed, encode_examples, pad_id_of
-from .engine import (Engine, load_ds_config, resolve_ds_config, resolve_precision, torch_dtype, write_json_atomic,
-                     zero_stage)
+from .engine import (Engine, adapter_tensor_size, load_ds_config, resolve_ds_config, resolve_precision, torch_dtype,
+                     write_json_atomic, zero_stage)
 from .errors import ConfigError
 from .evaluate import teacher_forced_accuracy
 from .adapters import local_model_dir, streaming_merge
-from .model import load_for_training, load_tokenizer, release_zero3
+from .model import load_for_training, load_tokenizer, param_count, release_zero3
 from .tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -262,12 +262,10 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     dtype = torch_dtype(precision)
     from transformers import AutoConfig
     mcfg = AutoConfig.from_pretrained(base)
-    hidden = mcfg.hidden_size
     ds_cfg = resolve_ds_config(spec.ds_config or recipe.ds_config, global_batch_size=spec.global_batch_size,
                                micro_batch_size=micro, grad_accum=gas, grad_clip=spec.grad_clip,
-                               precision=precision, hidden_size=hidden, finetune=spec.finetune,
-                               adapt=spec.adapt_zero, adapter_tensor_size=spec.lora.r * max(
-                                   hidden, getattr(mcfg, "intermediate_size", 0) or 0))
+                               precision=precision, hidden_size=mcfg.hidden_size, finetune=spec.finetune,
+                               adapt=spec.adapt_zero, adapter_tensor_size=adapter_tensor_size(spec.lora.r, mcfg))
     G = spec.global_batch_size
     steps_per_epoch = math.ceil(len(enc) / G)
     total_steps = steps_per_epoch * spec.epochs
@@ -291,7 +289,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     eng = Engine(model, ds_cfg, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
                  total_steps=total_steps, warmup_ratio=spec.warmup_ratio)
     trainable = [p for p in eng.module.parameters() if p.requires_grad]
-    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
+    n_trainable = param_count(trainable)
     trainable_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
     state = {"step": 0, "epoch": 0, "s": 0, "below": 0, "accs": {}, "last_loss": float("nan"), "t": 0.0}
     if resume_tag is not None:
@@ -318,8 +316,11 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     log_every = 1 if spec.stop == "loss" else spec.log_every
     epochs_run = state["epoch"]
 
+    def checkpoint_due() -> bool:
+        return bool(spec.save_every) and step % spec.save_every == 0
+
     def checkpoint(next_epoch: int, next_s: int) -> None:
-        if not spec.save_every or step % spec.save_every:
+        if not checkpoint_due():
             return
         loop = {"step": step, "epoch": next_epoch, "s": next_s, "below": below, "accs": accs,
                 "last_loss": last_loss, "t": time.time() - t0}
@@ -344,8 +345,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
             step += 1
             window_tokens += sum(e.num_answer_tokens for e in chunk)
             bar.update(1)
-            due = bool(spec.save_every) and step % spec.save_every == 0 and s < steps_per_epoch - 1
-            if step % log_every == 0 or s == steps_per_epoch - 1 or due:   # a checkpoint keeps no open window
+            # a checkpoint keeps no open loss window: flush it at every checkpoint step too
+            if step % log_every == 0 or s == steps_per_epoch - 1 or checkpoint_due():
                 total = dist.all_reduce_sum(window_loss.clone())
                 last_loss = float(total) / max(1, window_tokens)
                 window_loss.zero_()

@@ -50,16 +50,28 @@ def test_zero3_keeps_lora_adapters_whole_on_every_rank():
     assert full["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * 128
 
 
-RECIPE = """
-name: bf16
+HEADER = """
+name: {name}
 output_dir: {out}
 model: tiny
-ds_config: zero2
-precision: bf16
 max_seq_length: 48
 datasets:
   A: {{source: kvr, num_examples: 16}}
   B: {{source: kvrB, num_examples: 16}}
+"""
+
+
+def _run_stage1(tmp_path, name: str, body: str):
+    """Write HEADER + body (its braces escaped for str.format) as a recipe, run stage 1 of every variant in one process; the run directory."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", (HEADER + body).format(name=name, out=out))
+    res = run_cli([sys.executable, "launch/stage1.py", "--config", str(recipe)], timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return out
+
+
+BF16_RECIPE = """ds_config: zero2
+precision: bf16
 stage1: {{data: A, finetune: lora, stop: fixed, epochs: 4, lr: 1.0e-2, global_batch_size: 8, lora: {{r: 8, alpha: 16}},
           merge: false, track: false, probe: true}}
 stage2: {{data: B, finetune: lora, stop: fixed, epochs: 1, global_batch_size: 8}}
@@ -77,12 +89,10 @@ def test_lora_in_bf16_trains_under_torch_autocast_like_deepspeed_bf16(tmp_path, 
     import torch
     from safetensors.torch import load_file
 
-    recipe = write_recipe(tmp_path / "recipe.yaml", RECIPE.format(out=tmp_path / "run"))
-    res = run_cli([sys.executable, "launch/stage1.py", "--config", str(recipe)], timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    run = _run_stage1(tmp_path, "bf16", BF16_RECIPE)
     losses = {}
     for v in ("lora", "lora-zero2"):
-        d = tmp_path / "run" / v / "stage1"
+        d = run / v / "stage1"
         cfg = json.load(open(d / "config.json"))["ds_config"]
         if v == "lora":
             assert cfg["zero_optimization"] == {"stage": 0} and cfg["torch_autocast"]["enabled"]
@@ -100,7 +110,7 @@ def test_lora_in_bf16_trains_under_torch_autocast_like_deepspeed_bf16(tmp_path, 
     assert losses["lora"][0] == pytest.approx(losses["lora-zero2"][0], rel=0.02)
     from remix_ds.model import load_for_eval
 
-    d = tmp_path / "run" / "lora" / "stage1"
+    d = run / "lora" / "stage1"
     probe = torch.load(d / "probe_logits.pt")
     model = load_for_eval(str(d / "adapter"), torch.bfloat16, torch.device("cpu"), base=tiny_dir)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -109,15 +119,7 @@ def test_lora_in_bf16_trains_under_torch_autocast_like_deepspeed_bf16(tmp_path, 
     assert (logits.float()[mask].argmax(-1) == probe["logits"][mask].argmax(-1)).float().mean() > 0.95
 
 
-GC_RECIPE = """
-name: gc
-output_dir: {out}
-model: tiny
-max_seq_length: 48
-datasets:
-  A: {{source: kvr, num_examples: 16}}
-  B: {{source: kvrB, num_examples: 16}}
-stage1: {{data: A, finetune: full, stop: fixed, epochs: 2, lr: 3.0e-3, global_batch_size: 8, track: false,
+GC_RECIPE = """stage1: {{data: A, finetune: full, stop: fixed, epochs: 2, lr: 3.0e-3, global_batch_size: 8, track: false,
           log_every: 1}}
 stage2: {{data: B, finetune: full, stop: fixed, epochs: 1, global_batch_size: 8}}
 variants:
@@ -136,10 +138,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_dir):
     import torch
     from safetensors.torch import load_file
 
-    recipe = write_recipe(tmp_path / "recipe.yaml", GC_RECIPE.format(out=tmp_path / "run"))
-    res = run_cli([sys.executable, "launch/stage1.py", "--config", str(recipe)], timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    run = tmp_path / "run"
+    run = _run_stage1(tmp_path, "gc", GC_RECIPE)
     logs = {v: [json.loads(x)["loss"] for x in (run / v / "stage1" / "train_log.jsonl").read_text().splitlines()]
             for v in ("plain", "gc", "gc-lora")}
     assert len(logs["plain"]) == 4 and logs["gc"] == pytest.approx(logs["plain"], rel=1e-5)
@@ -180,15 +179,7 @@ def test_gradient_checkpointing_recomputes_layers_in_the_answer_loss_backward(ti
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-CLIP_RECIPE = """
-name: clip
-output_dir: {out}
-model: tiny
-max_seq_length: 48
-datasets:
-  A: {{source: kvr, num_examples: 16}}
-  B: {{source: kvrB, num_examples: 16}}
-stage1: {{data: A, finetune: lora, stop: fixed, epochs: 2, lr: 1.0e-2, global_batch_size: 8, track: false,
+CLIP_RECIPE = """stage1: {{data: A, finetune: lora, stop: fixed, epochs: 2, lr: 1.0e-2, global_batch_size: 8, track: false,
           log_every: 1, merge: false, lora: {{r: 8, alpha: 16}}, grad_clip: 0.05}}
 stage2: {{data: B, finetune: lora, stop: fixed, epochs: 1, global_batch_size: 8}}
 variants:
@@ -203,13 +194,9 @@ variants:
 def test_lora_without_zero_clips_gradients_as_deepspeed_zero2_does(tmp_path, tiny_dir):
     """Without ZeRO the engine clips with torch's clip_grad_norm_ (no host sync); fp32 ZeRO-2 clips inside
     DeepSpeed: the same losses and adapters. A clip too large to act gives other ones (the clip is active)."""
-    import torch
     from safetensors.torch import load_file
 
-    recipe = write_recipe(tmp_path / "recipe.yaml", CLIP_RECIPE.format(out=tmp_path / "run"))
-    res = run_cli([sys.executable, "launch/stage1.py", "--config", str(recipe)], timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    run = tmp_path / "run"
+    run = _run_stage1(tmp_path, "clip", CLIP_RECIPE)
     loss, adapter = {}, {}
     for v in ("stage0", "zero2", "noclip"):
         d = run / v / "stage1"
