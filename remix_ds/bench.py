@@ -325,7 +325,7 @@ def qlora_unsupported_reason() -> Optional[str]:
     return None
 
 
-def qlora_device_reason(device: torch.device) -> Optional[str]:
+def qlora_import_reason() -> Optional[str]:
     """Why QLoRA cannot run here, or None: bitsandbytes (>= 0.46 has CPU kernels) must import."""
     try:
         import bitsandbytes  # noqa: F401
@@ -620,7 +620,7 @@ class Bench:
     # -------------------------------------------------------------- train
     def _skip_reason(self, mode: str, config: str) -> Optional[str]:
         if mode == "qlora":
-            reason = (qlora_unsupported_reason() if config != PLAIN else None) or qlora_device_reason(self.device)
+            reason = (qlora_unsupported_reason() if config != PLAIN else None) or qlora_import_reason()
             if reason:
                 return reason
         if config == PLAIN and self.world > 1:
