@@ -179,12 +179,15 @@ def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]])
         row[f"epochs_stage{k}"] = s["epochs"]
         row[f"stopped_by_stage{k}"] = s["stopped_by"]
         row[f"train_seconds_stage{k}"] = s["train_seconds"]
+        tps = s.get("padfree_tokens_per_s")   # padding-free, training steps only (None: an older summary)
+        row[f"tokens_per_s_stage{k}"] = round(tps) if tps is not None else None
         row[f"eval_seconds_stage{k}"] = round(sum(m.get("seconds") or 0.0 for m in ev.values()), 3) if ev else None
         stages.append({"stage": k, "data": spec.data, "finetune": spec.finetune,
                        "lora_r": spec.lora.r if spec.finetune != "full" else None,
                        "mix": row[f"mix_stage{k}"], "epochs": s["epochs"], "stopped_by": s["stopped_by"],
                        "train_seconds": s["train_seconds"], "n_data": s.get("n_data"), "n_mix": s.get("n_mix"),
-                       "n_dropped": s.get("n_dropped"),
+                       "n_dropped": s.get("n_dropped"), "tokens": s.get("tokens"),
+                       "tokens_per_s": s.get("padfree_tokens_per_s"), "padding": s.get("padding"),
                        "eval": {key: {"dataset": letters.get(key, key),
                                       **{m: v for m, v in metrics.items() if m in EVAL_DETAIL_KEYS}}
                                 for key, metrics in ev.items()}})

@@ -44,6 +44,7 @@ def table_columns(report: Dict[str, Any]) -> List[str]:
     cols += [f"acc_{_letter(k)}_after_stage{k}" for k in range(2, n + 1)]
     cols += ["forgetting"] + [f"epochs_stage{k}" for k in range(1, n + 1)]
     cols += [f"train_seconds_stage{k}" for k in range(1, n + 1)]
+    cols += [f"tokens_per_s_stage{k}" for k in range(1, n + 1)]
     return cols
 
 
@@ -286,7 +287,8 @@ def write_report(report: Dict[str, Any], out_dir: str) -> str:
     md = [f"# Forgetting report: {report['recipe']}", "",
           f"World size {report['world_size']}, precision {report['precision']}, ds_config {report['ds_config']}.",
           f"Accuracies are {desc}, in [0, 1]; forgetting = acc_A_after_stage1 - acc_A after the last stage; "
-          "train_seconds is the training wall time of the stage.", "", markdown_table(report), ""]
+          "train_seconds is the training wall time of the stage, tokens_per_s its padding-free tokens per second "
+          "of training steps (summed over ranks).", "", markdown_table(report), ""]
     if report["warnings"]:
         md += [f"- **Warning:** {w}" for w in report["warnings"]] + [""]
     if figure:

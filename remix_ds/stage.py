@@ -4,7 +4,7 @@ Every rank runs this function; only rank 0 writes shared files. Outputs of stage
 in ``<output_dir>/<variant>/stage<k>/``:
 
 - ``config.json``      the resolved stage config, ds_config and fingerprint
-- ``train_log.jsonl``  one line per logged step (loss, lr, tokens) and per epoch (accuracies)
+- ``train_log.jsonl``  one line per logged step (loss, lr, tokens/s, padding) and per epoch (accuracies)
 - ``model/``           full fine-tuning: the whole model (safetensors HF directory)
 - ``adapter/``         LoRA: the PEFT adapter; ``merged/`` the adapter merged into the base
 - ``DONE.json``        written last: the fingerprint and the training summary
@@ -141,15 +141,31 @@ def epoch_order(n: int, seed: int, k: int, epoch: int) -> List[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+class TokenCount:
+    """Host-side count of the token positions this rank's micro-batches ran, padding included (batch shapes
+    are known on the host: counting needs no device sync)."""
+
+    def __init__(self) -> None:
+        self.ran = 0
+
+
+def throughput(real: int, ran: float, seconds: float) -> Dict[str, Any]:
+    """Log fields of `real` padding-free tokens trained on in `seconds`, `ran` token positions run."""
+    if seconds <= 0 or ran <= 0:
+        return {"tokens_per_s": None, "padfree_tokens_per_s": None, "padding": None}
+    return {"tokens_per_s": round(ran / seconds, 1), "padfree_tokens_per_s": round(real / seconds, 1),
+            "padding": round(max(0.0, 1.0 - real / ran), 4)}
+
+
 def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: int, pad: int,
-                pack: int = 0) -> torch.Tensor:
+                pack: int = 0, count: Optional[TokenCount] = None) -> torch.Tensor:
     """One optimizer step on one global batch (every rank passes the same `chunk`).
 
     The loss is the mean over all answer tokens of the global batch: each micro-batch's token-loss
     sum is scaled by world*gas/N, which DeepSpeed's 1/gas scaling and data-parallel averaging turn into
     sum/N exactly. With `pack` > 0 each micro-batch is packed into rows of at most `pack` tokens, every
     example attending only to itself (the same losses, far less padding). Returns this rank's unscaled
-    token-loss sum (detached, on device).
+    token-loss sum (detached, on device). `count`, if given, adds the token positions this rank ran.
     """
     make = (lambda mb: collate_packed(mb, pad, pack)) if pack else (lambda mb: collate(mb, pad))
     n_tok = sum(e.num_answer_tokens for e in chunk)
@@ -158,10 +174,13 @@ def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: i
     local = torch.zeros((), dtype=torch.float64, device=eng.device)
     for a in range(gas):
         mb = slots[a * world + rank]
+        batch = make(mb or chunk[:1])   # a short last batch: a rank with no examples still takes part
+        if count is not None:
+            count.ran += batch["input_ids"].numel()
         if mb:
-            local += eng.micro_step(make(mb), scale)
-        else:  # a short last batch: this rank still takes part in the collectives
-            eng.micro_step(make(chunk[:1]), 0.0)
+            local += eng.micro_step(batch, scale)
+        else:
+            eng.micro_step(batch, 0.0)
         eng.step()
     return local
 
@@ -291,7 +310,10 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     trainable = [p for p in eng.module.parameters() if p.requires_grad]
     n_trainable = param_count(trainable)
     trainable_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
-    state = {"step": 0, "epoch": 0, "s": 0, "below": 0, "accs": {}, "last_loss": float("nan"), "t": 0.0}
+    # "tokens": padding-free tokens trained on, token positions run (padding included) and the seconds spent in
+    # training steps (evaluation and checkpoints left out), over the whole stage
+    state = {"step": 0, "epoch": 0, "s": 0, "below": 0, "accs": {}, "last_loss": float("nan"), "t": 0.0,
+             "tokens": {"real": 0, "ran": 0, "seconds": 0.0}}
     if resume_tag is not None:
         cs = eng.load_checkpoint(str(ckpt_root), resume_tag)
         state.update(cs["loop"])
@@ -312,18 +334,22 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     step, below, last_loss, accs = state["step"], state["below"], state["last_loss"], state["accs"]
     stopped_by = "epochs"
     window_loss = torch.zeros((), dtype=torch.float64, device=eng.device)
-    window_tokens = 0
+    window_tokens = 0              # answer tokens of the window (the loss's denominator)
+    window_real = 0                # prompt + answer tokens of the window, all ranks
+    ran = TokenCount()             # token positions this rank ran in the window, padding included
+    tokens = dict(state["tokens"])
+    t_win = time.time()
     log_every = 1 if spec.stop == "loss" else spec.log_every
     epochs_run = state["epoch"]
 
     def checkpoint_due() -> bool:
         return bool(spec.save_every) and step % spec.save_every == 0
 
-    def checkpoint(next_epoch: int, next_s: int) -> None:
+    def checkpoint(next_epoch: int, next_s: int) -> bool:
         if not checkpoint_due():
-            return
+            return False
         loop = {"step": step, "epoch": next_epoch, "s": next_s, "below": below, "accs": accs,
-                "last_loss": last_loss, "t": time.time() - t0}
+                "last_loss": last_loss, "t": time.time() - t0, "tokens": tokens}
         # make room first, so that no more than keep_checkpoints complete ones exist at any moment (a kill
         # between the new marker and a later prune would leave one too many); keep 1: prune after instead
         if dist.is_main():
@@ -333,6 +359,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                             marker={"step": step, "hash": h})
         if dist.is_main() and spec.keep_checkpoints == 1:
             prune_checkpoints(ckpt_root, 1)
+        return True
 
     bar = tqdm(total=total_steps, initial=step, desc=f"{variant.name}/stage{k}", disable=not dist.is_main(),
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
@@ -341,26 +368,34 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         for s in range(state["s"] if epoch == state["epoch"] else 0, steps_per_epoch):
             chunk = [enc[i] for i in order[s * G:(s + 1) * G]]
             window_loss += global_step(eng, chunk, world, gas, rank, pad,
-                                       recipe.max_seq_length if spec.packing else 0)
+                                       recipe.max_seq_length if spec.packing else 0, ran)
             step += 1
             window_tokens += sum(e.num_answer_tokens for e in chunk)
+            window_real += sum(len(e.input_ids) for e in chunk)
             bar.update(1)
             # a checkpoint keeps no open loss window: flush it at every checkpoint step too
             if step % log_every == 0 or s == steps_per_epoch - 1 or checkpoint_due():
-                total = dist.all_reduce_sum(window_loss.clone())
-                last_loss = float(total) / max(1, window_tokens)
-                window_loss.zero_()
-                window_tokens = 0
+                # one collective and one host sync per window: the loss sum and the positions run, all ranks
+                sums = torch.stack([window_loss, torch.tensor(float(ran.ran), dtype=torch.float64,
+                                                              device=eng.device)])
+                loss_sum, ran_all = dist.all_reduce_sum(sums).tolist()
+                secs = max(time.time() - t_win, 1e-9)
+                last_loss = loss_sum / max(1, window_tokens)
                 record({"step": step, "epoch": epoch + (s + 1) / steps_per_epoch, "loss": last_loss,
-                        "lr": eng.lr(), "time": round(time.time() - t0, 3)})
-                bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{eng.lr():.2g}")
+                        "lr": eng.lr(), "time": round(time.time() - t0, 3), **throughput(window_real, ran_all, secs)})
+                tokens = {"real": tokens["real"] + window_real, "ran": tokens["ran"] + int(ran_all),
+                          "seconds": tokens["seconds"] + secs}
+                bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{eng.lr():.2g}", tok_s=f"{window_real / secs:.0f}")
+                window_loss.zero_()
+                window_tokens = window_real = ran.ran = 0
+                t_win = time.time()
                 if spec.stop == "loss":
                     below = below + 1 if last_loss < spec.loss_threshold else 0
                     if below >= spec.loss_patience:
                         stopped_by = "loss"
                         break
-            if s < steps_per_epoch - 1:
-                checkpoint(epoch, s + 1)
+            if s < steps_per_epoch - 1 and checkpoint(epoch, s + 1):
+                t_win = time.time()
         epochs_run = epoch + 1
         if tracked:
             eng.eval()
@@ -381,8 +416,14 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                 stopped_by = "accuracy"
                 break
         checkpoint(epoch + 1, 0)
+        t_win = time.time()   # the epoch's evaluation and checkpoint are not training time
     bar.close()
     train_seconds = time.time() - t0
+    if dist.is_main() and tokens["seconds"] > 0:
+        tp = throughput(tokens["real"], tokens["ran"], tokens["seconds"])
+        log.info("%s/stage%d: %d steps, %d tokens in %.1f s of training steps: %.0f tokens/s (%.0f run, padding "
+                 "%.1f%%)", variant.name, k, step, tokens["real"], tokens["seconds"], tp["padfree_tokens_per_s"],
+                 tp["tokens_per_s"], 100 * tp["padding"])
     if spec.stop == "accuracy" and stopped_by != "accuracy" and dist.is_main():
         log.warning("%s/stage%d: accuracy stop not reached in %d epochs (last accuracy %.3f); "
                     "raise epochs or lr", variant.name, k, spec.epochs, accs.get(spec.data, float("nan")))
@@ -415,7 +456,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                "steps": step, "stopped_by": stopped_by, "final_loss": last_loss, "train_seconds": round(train_seconds, 2),
                "teacher_forced_accuracy": accs, "n_data": len(data), "n_mix": n_mix, "n_dropped": dropped,
                "zero_stage": zero_stage(ds_cfg), "trainable_parameters": n_trainable,
-               "trainable_dtypes": trainable_dtypes}
+               "trainable_dtypes": trainable_dtypes, "tokens": tokens["real"], "tokens_run": tokens["ran"],
+               "step_seconds": round(tokens["seconds"], 3), **throughput(tokens["real"], tokens["ran"], tokens["seconds"])}
     if dist.is_main():
         if log_f:
             log_f.close()

@@ -109,3 +109,48 @@ def test_packed_micro_batches_are_balanced_by_tokens():
     # padded micro-batches keep near-equal counts, grouped by length instead
     counts = [len(s) for s in split_global_batch(batch, 4)]
     assert counts == [8, 8, 8, 8]
+
+
+class _FakeEngine:
+    """What stage.global_step uses of an Engine: micro_step, step, device. Records the batch shapes."""
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.shapes, self.scales, self.steps = [], [], 0
+
+    def micro_step(self, batch, scale):
+        self.shapes.append(tuple(batch["input_ids"].shape))
+        self.scales.append(scale)
+        return torch.tensor(1.0, dtype=torch.float64)
+
+    def step(self):
+        self.steps += 1
+
+
+def test_global_step_counts_the_token_positions_it_runs():
+    from remix_ds.stage import TokenCount, global_step, throughput
+
+    chunk = _fake([28] * 12 + [110] * 4)
+    real = sum(len(e.input_ids) for e in chunk)
+    counts = {}
+    for pack in (0, 128):
+        for world, rank in ((1, 0), (2, 0), (2, 1)):
+            eng, count = _FakeEngine(), TokenCount()
+            global_step(eng, chunk, world, 2, rank, pad=0, pack=pack, count=count)
+            assert eng.steps == 2 and count.ran == sum(b * l for b, l in eng.shapes)
+            counts[pack, world, rank] = count.ran
+    # every real token is run once, by one rank; padding comes on top
+    for pack in (0, 128):
+        assert counts[pack, 1, 0] >= real and counts[pack, 2, 0] + counts[pack, 2, 1] >= real
+    # one rank, two padded micro-batches: 8 x 28, then 4 x 28 + 4 x 110 padded to 8 x 110
+    assert counts[0, 1, 0] == 8 * 28 + 8 * 110
+    assert counts[0, 2, 0] + counts[0, 2, 1] == real      # four micro-batches grouped by length: no padding
+    assert counts[128, 1, 0] < counts[0, 1, 0]           # packed rows: less padding
+    tp = throughput(real, counts[128, 1, 0], 2.0)
+    assert tp["padfree_tokens_per_s"] == real / 2 and tp["tokens_per_s"] == counts[128, 1, 0] / 2
+    assert 0 <= tp["padding"] < 1 - real / counts[0, 1, 0]
+    # a rank left without examples by a short last batch still steps (and its dummy batch is counted)
+    eng, count = _FakeEngine(), TokenCount()
+    global_step(eng, chunk[:1], 2, 1, 1, pad=0, count=count)
+    assert eng.scales == [0.0] and count.ran == 28 and eng.steps == 1
+    assert throughput(0, 0, 0.0)["tokens_per_s"] is None

@@ -74,6 +74,13 @@ def test_outputs_and_logs(run):
     # 40 examples + 20 mixing = 60 per epoch, batch 10: 6 steps x 3 epochs, none dropped; the loss logged
     # every 10 steps (log_every) and at each epoch end
     assert [l["step"] for l in steps] == [6, 10, 12, 18] and all(l["lr"] >= 0 for l in steps)
+    # throughput of each window: positions run (padding included) >= padding-free tokens
+    assert all(l["tokens_per_s"] >= l["padfree_tokens_per_s"] > 0 and 0 <= l["padding"] < 1 for l in steps)
+    summary = json.load(open(s1 / "DONE.json"))["summary"]
+    # the same 60 examples each epoch: 3 x the epoch's tokens, all run at least once
+    assert summary["tokens"] > 0 and summary["tokens"] % 3 == 0 and summary["tokens_run"] >= summary["tokens"]
+    assert 0 < summary["step_seconds"] <= summary["train_seconds"]
+    assert summary["padfree_tokens_per_s"] == pytest.approx(summary["tokens"] / summary["step_seconds"], rel=1e-3)
     cfg = json.load(open(s1 / "config.json"))
     # LoRA from zero2 runs without ZeRO (engine.adapter_zero_stage); fp32 on CPU: no autocast
     assert cfg["n_mix"] == 20 and cfg["ds_config"]["zero_optimization"] == {"stage": 0}

@@ -33,7 +33,8 @@ def _recipe(out, **extra):
 
 def _summary(epochs, secs, n_mix=0, dropped=0):
     return {"epochs": epochs, "stopped_by": "epochs", "train_seconds": secs, "n_data": 100, "n_mix": n_mix,
-            "n_dropped": dropped}
+            "n_dropped": dropped, "tokens": 9000 * epochs, "padfree_tokens_per_s": 9000 * epochs / secs / 0.9,
+            "padding": 0.05}
 
 
 def _metrics(acc, n=100, **kw):
@@ -53,6 +54,8 @@ def test_variant_row_has_modes_mixing_accuracies_forgetting_epochs_and_time(tmp_
     assert row["acc_A_after_stage1"] == 0.9 and row["acc_A_after_stage2"] == 0.25 and row["acc_B_after_stage2"] == 0.8
     assert row["forgetting"] == pytest.approx(0.65)
     assert row["epochs_stage1"] == 7 and row["train_seconds_stage2"] == 4.0 and row["n_A"] == 100
+    # padding-free tokens/s of each stage's training steps, whole tokens in the table
+    assert row["tokens_per_s_stage2"] == round(9000 * 3 / 4.0 / 0.9) and row["stages"][1]["padding"] == 0.05
     assert row["stages"][1]["eval"]["B"]["alias_exact_match"] == 0.85 and row["stages"][0]["n_mix"] == 100
     # the study's accuracy wins over plain exact match (e.g. WebQuestions containment)
     results[1]["eval"]["B"] = {"n": 100, "accuracy": 0.6, "exact_match": 0.4}
@@ -104,7 +107,7 @@ def test_write_report_table_words_and_figure(tmp_path):
     assert js["figure"] == "forgetting.png" and "forgetting.png" in md
     # the table: every variant, modes, mixing, accuracies, forgetting, epochs, wall time
     for col in ("finetune_stage1", "mix_stage1", "acc_A_after_stage1", "acc_A_after_stage2", "acc_B_after_stage2",
-                "forgetting", "epochs_stage2", "train_seconds_stage2"):
+                "forgetting", "epochs_stage2", "train_seconds_stage2", "tokens_per_s_stage2"):
         assert col in md
     assert "| full-mix | full | full | random-words:1 | none | 1.000 | 0.800 | 0.880 | 0.200 |" in md
     # per-epoch curves of stage 2 start at the end of stage 1

@@ -69,3 +69,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
     res_log = [json.loads(l) for l in open(stage_b / "train_log.jsonl") if '"loss"' in l]
     for x, y in zip(ref_log, res_log):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["lr"] - y["lr"]) < 1e-12
+    # the token counts carry across the resume: the whole stage's, not the part after the checkpoint
+    ref_sum = json.load(open(tmp_path / "a" / "full" / "stage1" / "DONE.json"))["summary"]
+    res_sum = json.load(open(stage_b / "DONE.json"))["summary"]
+    assert res_sum["tokens"] == ref_sum["tokens"] > 0 and res_sum["tokens_run"] == ref_sum["tokens_run"]
