@@ -24,7 +24,8 @@
 # Results: JSON lines appended to $OUT/bench.jsonl when OUT is set (else runs/bench.jsonl), the console log
 # beside them (bench_gpu.log), and torch.profiler operator tables of 2 more steps of the 8B LoRA cases
 # (bench.profile-llama-8b-lora-*.txt; BENCH_PROFILE=0: none). Optional: BENCH_OFFLOAD=1 adds full:zero2_offload on the 1B shape (CPU AdamW,
-# slower); BENCH_STEPS / BENCH_WARMUP change the step counts.
+# slower); BENCH_STEPS / BENCH_WARMUP change the step counts; BENCH_PADDING_WORDS=50 times the padding comparison on
+# the study's default mixing passages (50 + 50 random words) instead of the demo's 8 + 8.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,7 +73,7 @@ run() {  # run LIMIT_SECONDS ARGS...: one bench process under its own time limit
 
 CASES_1B="full:zero2,full:zero3,padding"
 [ "${BENCH_OFFLOAD:-0}" = 1 ] && CASES_1B="full:zero2,full:zero3,full:zero2_offload,padding"
-run 150 --shape llama-1b --cases "$CASES_1B" --padding-mode full --padding-config zero2
+run 150 --shape llama-1b --cases "$CASES_1B" --padding-mode full --padding-config zero2 --padding-words "${BENCH_PADDING_WORDS:-8}"
 run 270 --shape llama-8b --cases eval,lora:zero2 --profile "${BENCH_PROFILE:-2}"
 if [ "${BENCH_QLORA:-1}" = 1 ]; then
     if "$PY" -c "import bitsandbytes" 2>/dev/null; then

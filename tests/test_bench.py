@@ -79,7 +79,8 @@ def test_gpu_script_invocations_parse(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     env = {"WARMUP": "3", "STEPS": "10", "RESULTS": str(tmp_path / "b.jsonl"),
-           "CASES_1B": "full:zero2,full:zero3,full:zero2_offload,padding", "{BENCH_PROFILE:-2}": "2"}
+           "CASES_1B": "full:zero2,full:zero3,full:zero2_offload,padding", "{BENCH_PROFILE:-2}": "2",
+           "{BENCH_PADDING_WORDS:-8}": "50"}
     common = re.search(r"^COMMON=\((.*)\)$", text, re.M).group(1)
     lines = re.findall(r"\brun (\d+) (--shape .*)$", text, re.M)
     assert len(lines) == 4 and sum(int(limit) for limit, _ in lines[:3]) <= 590
@@ -90,6 +91,9 @@ def test_gpu_script_invocations_parse(tmp_path):
         argv = shlex.split(cmd)
         ns = build_parser().parse_args(argv)
         assert ns.shape in ("llama-1b", "llama-8b") and ns.batch == 64 and ns.precision == "bf16"
+        assert "$" not in cmd, cmd   # every variable substituted: the line parses as the script runs it
+        if "padding" in ns.cases:
+            assert ns.padding_words == 50
         for mode, configs in parse_cases(ns.cases):
             for c in configs:
                 if c != "plain":
