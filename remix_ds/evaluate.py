@@ -193,6 +193,7 @@ def teacher_forced_scores(logits_fn: Callable[[Dict[str, torch.Tensor]], torch.T
     n_batches = (len(encoded) + w * batch_size - 1) // (w * batch_size)
     by_len = sorted(share, key=lambda i: len(encoded[i].input_ids))
     found: Dict[int, Tuple[bool, List[int]]] = {}
+    pending: List[Tuple[List[int], torch.Tensor]] = []   # prefixes=False: results stay on the device till the end
     for b in range(n_batches):
         chunk = by_len[b * batch_size:(b + 1) * batch_size]
         batch = collate([encoded[i] for i in chunk] or [encoded[0]], pad_id)  # a dummy keeps collectives in step
@@ -203,9 +204,8 @@ def teacher_forced_scores(logits_fn: Callable[[Dict[str, torch.Tensor]], torch.T
         gold = labels[:, 1:]
         answer = gold != IGNORE
         ok = ((pred == gold) | ~answer).all(dim=1)
-        if not prefixes:  # only correctness wanted (the stopping rule, per-epoch curves): no per-row work
-            for i, o in zip(chunk, ok.cpu().tolist()):
-                found[i] = (o, [])
+        if not prefixes:  # only correctness wanted (the stopping rule, per-epoch curves): no per-row work,
+            pending.append((chunk, ok[:len(chunk)]))   # and no host sync per batch: the next one is queued behind
             continue
         pred_c, gold_c, ans_c, ok_c = pred.cpu(), gold.cpu(), answer.cpu(), ok.cpu()
         for row, i in enumerate(chunk):
@@ -214,6 +214,10 @@ def teacher_forced_scores(logits_fn: Callable[[Dict[str, torch.Tensor]], torch.T
             first_wrong = next((t for t, (a, b_) in enumerate(zip(p, g)) if a != b_), len(g))
             prefix = g[:first_wrong] + ([p[first_wrong]] if first_wrong < len(g) else [])
             found[i] = (bool(ok_c[row]), prefix)
+    if pending:
+        flat = torch.cat([ok for _, ok in pending]).cpu().tolist()
+        for i, o in zip((i for chunk, _ in pending for i in chunk), flat):
+            found[i] = (o, [])
     return [(i, found[i][0], found[i][1]) for i in share]
 
 

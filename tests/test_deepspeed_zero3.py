@@ -151,3 +151,10 @@ def test_lora_without_zero_on_two_ranks_trains_like_one_process(z3run, tmp_path)
     assert len(loss1) == len(loss2) and loss2[-1] < loss2[0]
     for a, b in zip(loss1, loss2):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (loss1, loss2)
+    # throughput counts over all ranks: the same global batches, so the same padding-free tokens; the token
+    # positions run are summed over both ranks' micro-batches (each real token run once, padding on top)
+    s1 = json.load(open(d1 / "DONE.json"))["summary"]
+    s2 = json.load(open(d2 / "DONE.json"))["summary"]
+    assert s2["tokens"] == s1["tokens"] > 0 and s2["tokens_run"] >= s2["tokens"] and s1["tokens_run"] >= s1["tokens"]
+    rows = [json.loads(x) for x in (d2 / "train_log.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert all(r["tokens_per_s"] >= r["padfree_tokens_per_s"] > 0 for r in rows)

@@ -140,6 +140,10 @@ def test_teacher_forced_exact_match_equals_greedy_exact_token_match(trained):
     # the LM head on answer positions only: the same verdicts and prefixes as from the full logits
     assert teacher_forced_scores(model_predict_fn(model, cpu), encode_for_scoring(tok, examples), 8,
                                  pad_id_of(tok)) == tf
+    # correctness only (results gathered once at the end), with a last batch of another size: same verdicts
+    quick = teacher_forced_scores(model_predict_fn(model, cpu), encode_for_scoring(tok, examples), 7,
+                                  pad_id_of(tok), prefixes=False)
+    assert len(examples) % 7 and [(i, ok) for i, ok, _ in quick] == [(i, ok) for i, ok, _ in tf]
     gen = generate_token_ids(model, tok, [e.prompt for e in examples], 7, 16, cpu)
     n_right = n_wrong_late = 0
     for (i, ok, prefix), g, ex in zip(tf, gen, examples):
