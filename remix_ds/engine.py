@@ -186,15 +186,16 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _answer_logits(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor):
     """The output layer at the positions whose next token is trained only: (logits [n, vocab], their next
-    tokens [n], the [B, L-1] mask of those positions)."""
+    tokens [n], the [B, L-1] mask of those positions). `hidden` [B, L-1, H] holds the decoder's outputs at
+    every position but the last (which has no next token)."""
     target = labels[:, 1:]
     keep = target != -100
-    return head(hidden[:, :-1][keep]), target[keep], keep
+    return head(hidden[keep]), target[keep], keep
 
 
 def answer_argmax(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
     """Greedy next tokens [B, L-1] where the next label is trained (-1 elsewhere): the output layer and the
-    argmax run only over those positions, never over the full [B, L, vocab] logits."""
+    argmax run only over those positions, never over the full [B, L, vocab] logits. `hidden`: [B, L-1, H]."""
     logits, _, keep = _answer_logits(hidden, head, labels)
     pred = torch.full(keep.shape, -1, dtype=torch.long, device=hidden.device)
     pred[keep] = logits.argmax(-1)
@@ -213,6 +214,9 @@ class AnswerLoss(torch.nn.Module):
     attends to it, so its outputs are exactly those with the mask (``tests/test_packing.py``), and attention
     runs as plain causal attention (SDPA's ``is_causal`` path: flash kernels on a GPU, no mask to build;
     25% faster on a CPU for a factoid + passage mix). Outputs at padding positions are meaningless and unused.
+
+    With labels the decoder also skips the last column: no label follows it, so its output is never used,
+    and in a causal model no earlier position depends on it (one position fewer of L, forward and backward).
     """
 
     def __init__(self, lm: torch.nn.Module):
@@ -225,10 +229,17 @@ class AnswerLoss(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels=None, position_ids=None, predict=False):
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = None   # right padding: see the class docstring
+        if labels is not None and input_ids.shape[1] > 1:   # the last position predicts nothing trained
+            input_ids = input_ids[:, :-1]
+            if attention_mask is not None:   # a packed batch's [rows, 1, L, L] mask
+                attention_mask = attention_mask[..., :-1, :-1].contiguous()
+            if position_ids is not None:
+                position_ids = position_ids[:, :-1]
         hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state
         if labels is None:
             return self._head(hidden)
+        hidden = hidden[:, :labels.shape[1] - 1]   # [B, L-1, H] (a one-token batch: no position to train)
         if predict:   # teacher-forced scoring: the greedy token at each answer position
             return answer_argmax(hidden, self._head, labels)
         logits, target, _ = _answer_logits(hidden, self._head, labels)

@@ -60,6 +60,18 @@ def test_packed_batch_gives_the_per_example_losses_of_the_padded_batch(tiny_dir)
         b = head(packed["input_ids"], packed["attention_mask"], packed["labels"], packed["position_ids"])
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(a, sum(ref.values()), atol=1e-3, rtol=1e-5)
+    # ... with the decoder run over all columns but the last (no label follows it), padded and packed
+    seen = []
+    hook = head._decoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[1]),
+                                                   with_kwargs=True)
+    with torch.no_grad():
+        head(pad["input_ids"], pad["attention_mask"], pad["labels"])
+        head(packed["input_ids"], packed["attention_mask"], packed["labels"], packed["position_ids"])
+        pred = head(pad["input_ids"], pad["attention_mask"], pad["labels"], predict=True)
+        one = head(pad["input_ids"][:, :1], None, pad["labels"][:, :1])   # nothing to train in one column
+    hook.remove()
+    L, P = pad["input_ids"].shape[1], packed["input_ids"].shape[1]
+    assert seen == [L - 1, P - 1, L - 1, 1] and pred.shape == (len(enc), L - 1) and float(one) == 0.0
 
 
 def _fake(lengths):
