@@ -349,14 +349,21 @@ def _lora_config(lora):
 
 
 class PlainCase(TrainCase):
-    """A hand-written loop: model on the device, torch AdamW, autocast on a GPU, token-mean loss."""
+    """A hand-written loop: model on the device, torch AdamW, autocast on a GPU, token-mean loss.
+
+    On several processes it is the hand-written data-parallel loop: the model wrapped in torch's
+    DistributedDataParallel, each rank running its share of the global batch (split as the stage splits
+    unpacked batches), gradients averaged by DDP, the loss still the mean over the global batch's answer tokens.
+    """
 
     def __init__(self, path: str, mode: str, lora, precision: str, device: torch.device, pad: int):
         from transformers import AutoModelForCausalLM
 
+        from . import dist
         from .engine import torch_dtype
 
         self.device, self.pad = device, pad
+        self.world, self.rank = dist.world_size(), dist.rank()
         dtype = torch_dtype(precision)
         cuda = _is_cuda(device)
         self.amp = cuda and precision in ("bf16", "fp16")
@@ -379,21 +386,27 @@ class PlainCase(TrainCase):
         self.model = model.to(device) if "device_map" not in kw else model
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.model = DistributedDataParallel(self.model, device_ids=[device.index or 0] if cuda else None)
         self.opt = torch.optim.AdamW(self.params, lr=LR[mode], betas=BETAS, weight_decay=0.0,
                                      **({"fused": True} if cuda else {}))
 
     def step(self, chunk) -> torch.Tensor:
         from .data.formatting import collate
         from .engine import token_loss_sum
+        from .stage import split_global_batch
 
+        n_tok = sum(e.num_answer_tokens for e in chunk)
+        if self.world > 1:   # this rank's share; DDP averages gradients, so scale the sum by world / N
+            chunk = split_global_batch(chunk, self.world)[self.rank]
         batch = collate(chunk, self.pad)
         self.processed_tokens += batch["input_ids"].numel()
-        n_tok = sum(e.num_answer_tokens for e in chunk)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             logits = self.model(input_ids=batch["input_ids"].to(self.device),
                                 attention_mask=batch["attention_mask"].to(self.device), use_cache=False).logits
         loss_sum = token_loss_sum(logits, batch["labels"].to(self.device))
-        (loss_sum / n_tok).backward()
+        (loss_sum * (self.world / n_tok)).backward()
         torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -501,6 +514,12 @@ def _measure(runners, warmup: int, steps: int, device: torch.device, each: bool)
             answer[k] += sum(e.num_answer_tokens for e in chunk)
     _sync(device)
     total = time.perf_counter() - t0
+    from . import dist
+    if dist.world_size() > 1:   # every rank returns and counts its own part: sum them (after the clock stops)
+        for k, (case, _) in enumerate(runners):
+            dist.all_reduce_sum(accs[k])
+            case.processed_tokens = int(dist.all_reduce_sum(
+                torch.tensor(float(case.processed_tokens), dtype=torch.float64, device=device)).item())
     out = []
     for k, (case, batches) in enumerate(runners):
         dt = sum(per_step[k]) if each else total
@@ -623,8 +642,8 @@ class Bench:
             reason = (qlora_unsupported_reason() if config != PLAIN else None) or qlora_import_reason()
             if reason:
                 return reason
-        if config == PLAIN and self.world > 1:
-            return "the plain loop runs in one process only"
+        if config == PLAIN and self.world > 1 and mode == "qlora":
+            return "the plain data-parallel loop (DDP) is not run over 4-bit layers"
         return None
 
     def _open(self, mode: str, config: str, rec: Dict[str, Any]) -> TrainCase:
@@ -853,10 +872,12 @@ class Bench:
                     self.remix, self.pad_to = remix, pad_to
 
                 def step(self, chunk) -> torch.Tensor:
-                    batch = collate(chunk, self.remix.pad, pad_to=self.pad_to)
+                    world, rank = self.remix.world, self.remix.rank
                     n_tok = sum(e.num_answer_tokens for e in chunk)
+                    # several ranks: each its share of the random batch, the gradients averaged by DeepSpeed
+                    batch = collate(chunk[rank::world], self.remix.pad, pad_to=self.pad_to)
                     self.processed_tokens += batch["input_ids"].numel()
-                    loss = self.remix.raw_micro_step(batch, 1.0 / n_tok)   # not counted as the stage's
+                    loss = self.remix.raw_micro_step(batch, world / n_tok)   # not counted as the stage's
                     self.remix.eng.step()
                     return loss
 

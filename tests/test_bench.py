@@ -1,6 +1,9 @@
 """launch/bench.py on the tiny model (CPU): the stage step against the plain loop, evaluation, padding."""
 import json
+import shutil
 import sys
+
+import pytest
 
 from conftest import run_cli
 
@@ -12,13 +15,25 @@ POSITIVE = ("seconds", "step_time_s", "tokens_per_s", "padfree_tokens_per_s", "p
             "peak_mem_gib")
 
 
-def test_bench_tiny_full_lora_qlora_eval_padding(tmp_path, tiny_dir):
-    out = tmp_path / "bench.jsonl"
-    res = run_cli([sys.executable, "launch/bench.py", "--shape", "tiny", "--cases",
-                   "full:zero2,lora:zero2,qlora:zero2,eval,padding", "--profile", "1",
-                   "--steps", "2", "--warmup", "1", "--batch", "16", "--seq", "32", "--out", str(out)], timeout=600)
+SMALL = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--batch", "16", "--seq", "32"]
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_dir):
+    tmp = tmp_path_factory.mktemp("bench1")
+    out = tmp / "bench.jsonl"
+    res = run_cli([sys.executable, "launch/bench.py", "--cases", "full:zero2,lora:zero2,qlora:zero2,eval,padding",
+                   "--profile", "1", *SMALL, "--out", str(out)], timeout=600)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    return tmp, res, _records(out)
+
+
+def test_bench_tiny_full_lora_qlora_eval_padding(one_process):
+    tmp_path, res, recs = one_process
     assert all(r["status"] == "ok" for r in recs), [(r["case"], r.get("reason")) for r in recs]
     train = {(r["case"], r.get("paired_with")): r for r in recs if r["bench"] == "train"}
     assert set(train) == {("full:plain", "zero2"), ("full:zero2", None), ("lora:plain", "zero2"), ("lora:zero2", None),
@@ -62,6 +77,36 @@ def test_bench_cases_parse():
     plan = parse_cases("eval,full:zero2,lora,qlora:plain,full:zero3_offload,padding")
     assert plan == [("eval", []), ("full", ["zero2", "zero3_offload"]), ("lora", ["zero2", "zero3"]),
                     ("qlora", ["plain"]), ("padding", [])]
+
+
+def test_bench_on_two_ranks_sums_over_ranks_and_trains_as_one_process(one_process, tmp_path):
+    """`deepspeed --num_gpus 2 launch/bench.py`: the plain loop is torch DDP, every case runs its share of the
+    same global batches, and the records count all ranks. Same batches, same initial weights: each case's mean
+    loss over its steps must be the one process's (a rank running another's share, or a loss or count not
+    summed over the ranks, changes it; a constant loss scale would not show: Adam and clipping absorb it)."""
+    if shutil.which("deepspeed") is None:
+        pytest.fail("the deepspeed launcher is not on PATH: install the package (README set-up)")
+    _, _, ones = one_process
+    out = tmp_path / "two.jsonl"
+    res = run_cli(["deepspeed", "--num_gpus", "2", "launch/bench.py", "--cases", "full:zero2,full:zero3,lora:zero2,"
+                   "padding", *SMALL, "--out", str(out)], timeout=600, env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
+    twos = _records(out)
+    assert all(r["status"] == "ok" and r["world_size"] == 2 for r in twos), [(r["case"], r.get("reason")) for r in twos]
+    one = {(r["case"], r.get("paired_with")): r for r in ones}
+    two = {(r["case"], r.get("paired_with")): r for r in twos}
+    # ZeRO-3 really partitions on two ranks; LoRA from zero2 runs without ZeRO, its gradients all-reduced
+    assert two[("full:zero3", None)]["zero_stage"] == 3 and two[("lora:zero2", None)]["zero_stage"] == 0
+    for key in [("full:plain", "zero2"), ("full:zero2", None), ("lora:plain", "zero2"), ("lora:zero2", None),
+                ("padding:naive_max_length", None), ("padding:naive_longest", None), ("padding:remix_ds", None)]:
+        a, b = one[key], two[key]
+        assert b["processed_tokens"] >= b["padfree_tokens"] == a["padfree_tokens"] > 0, key
+        assert abs(a["mean_loss"] - b["mean_loss"]) < 2e-3, (key, a["mean_loss"], b["mean_loss"])
+    for key in [("full:plain", "zero2"), ("full:zero2", None)]:   # fixed-length batches: 2 steps x 16 x 32, all ranks
+        assert two[key]["processed_tokens"] == 2 * 16 * 32
+    # ZeRO-3 over two ranks trains the same weights as ZeRO-2: the same losses
+    assert abs(two[("full:zero3", None)]["mean_loss"] - one[("full:zero2", None)]["mean_loss"]) < 2e-3
+    assert two[("full:zero3", None)]["ratio_tokens_per_s"] > 0 and two[("lora:zero2", None)]["ratio_tokens_per_s"] > 0
 
 
 def test_gpu_script_invocations_parse(tmp_path):
