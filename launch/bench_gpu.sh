@@ -85,4 +85,6 @@ fi
 [ "${BENCH_AS_WRITTEN:-0}" = 1 ] && run 180 --shape llama-8b --cases lora:zero2 --no-adapt-zero
 
 echo "== done in $SECONDS s; results in $RESULTS"
+# the whole file as Markdown tables (what docs/benchmarks.md records), so the console tail carries the numbers
+"$PY" launch/bench.py --summarize "$RESULTS" || true
 exit $status

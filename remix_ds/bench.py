@@ -963,6 +963,62 @@ class Bench:
                       f"{'':24s}{r['ratio']:>7.2f} {target:>9s}")
 
 
+def _ran_as(r: Dict[str, Any]) -> str:
+    if r["bench"] == "padding":
+        return f"{r.get('pad_fraction', 0) * 100:.1f}% padding"
+    if r.get("impl") == PLAIN:
+        return "plain" + (" (DDP)" if r.get("world_size", 1) > 1 else "")
+    if r.get("zero_stage") is None:
+        return ""
+    return (f"ZeRO-{r['zero_stage']}" if r["zero_stage"] else "no ZeRO") + \
+        (" + autocast" if r.get("torch_autocast") else "")
+
+
+def markdown_summary(records: List[Dict[str, Any]], run_id: Optional[str] = None) -> str:
+    """JSON lines of the bench as Markdown tables, one per run (``run_id``), in the file's order: what
+    docs/benchmarks.md records. Ratios and targets as measured; skipped and failed cases with their reason."""
+    runs: Dict[str, List[Dict[str, Any]]] = {}
+    for r in records:
+        if run_id is None or r.get("run_id") == run_id:
+            runs.setdefault(r.get("run_id", "?"), []).append(r)
+    if not runs:
+        return f"no bench records{f' with run_id {run_id}' if run_id else ''}\n"
+    out: List[str] = []
+    for rid, recs in runs.items():
+        r0, env = recs[0], recs[0].get("env") or {}
+        mem = env.get("device_mem_gib")
+        out += [f"### run {rid}", "",
+                f"{r0.get('shape')} shape on {env.get('device_name')}{f' ({mem} GiB)' if mem else ''}, "
+                f"{r0.get('precision')}, batch {r0.get('batch')} x {r0.get('seq')} tokens, world size "
+                f"{r0.get('world_size')}, {r0.get('time')}, commit {env.get('git_commit')}; torch {env.get('torch')}, "
+                f"transformers {env.get('transformers')}, DeepSpeed {env.get('deepspeed')}, PEFT {env.get('peft')}, "
+                f"bitsandbytes {env.get('bitsandbytes')}", "",
+                "| case | ran as | tokens/s | padding-free tokens/s | ms/step | peak GiB | ratio | target |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in recs:
+            case = r.get("case", r["bench"])
+            if r.get("status") != "ok":
+                out.append(f"| {case} | {r.get('status')}: {r.get('reason', '')} | | | | | | |")
+                continue
+            target = (f">= {r['target_ratio']:g}: {'met' if r['meets_target'] else 'not met'}"
+                      if "meets_target" in r else "")
+            if r["bench"] == "eval":
+                out.append(f"| {case} | generation {r['generate_questions_per_s']:,.1f} q/s, teacher-forced "
+                           f"{r['teacher_forced_questions_per_s']:,.1f} q/s | | | | {r.get('peak_mem_gib', 0):.2f} | "
+                           f"{r['ratio']:.2f} | {target} |")
+                continue
+            ratio = r.get("ratio_tokens_per_s") or r.get("ratio_vs_naive_longest")
+            extra = (f" (vs pad-to-longest; {r['ratio_vs_naive_dataset_longest']:.3f} vs dataset-longest, "
+                     f"{r['ratio_vs_naive_max_length']:.3f} vs pad-to-max)" if r.get("ratio_vs_naive_longest") else "")
+            paired = f" (paired with {r['paired_with']})" if r.get("paired_with") else ""
+            step_ms = 1e3 * (r.get("step_time_median_s") or r["step_time_s"])
+            out.append(f"| {case}{paired} | {_ran_as(r)} | {speed(r):,.0f} | {speed(r, 'padfree_tokens_per_s'):,.0f} | "
+                       f"{step_ms:.1f} | {r.get('peak_mem_gib', 0):.2f} | {f'{ratio:.3f}' if ratio else ''}{extra} | "
+                       f"{target} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def parse_cases(text: str) -> List[Tuple[str, List[str]]]:
     """'lora:zero2,full,eval,lora:zero3' -> [("lora", ["zero2", "zero3"]), ("full", ["zero2", "zero3"]), ("eval", [])].
 
@@ -1038,6 +1094,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: 1 on a CPU-only run, where busy-waiting OpenMP threads on a "
                         "shared machine make timings erratic; torch's own default on a GPU run; 0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--summarize", metavar="JSONL", default=None,
+                   help="run nothing: print the records of this file as Markdown tables, one per run")
+    p.add_argument("--run-id", default=None, help="with --summarize: only this run")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -1047,6 +1106,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .cli import setup_logging
 
     args = build_parser().parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        print(markdown_summary(records, args.run_id), end="")
+        return 0
     tiny = args.shape == "tiny"
     if args.steps is None:
         args.steps = 6 if tiny else 10

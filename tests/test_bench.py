@@ -79,6 +79,30 @@ def test_bench_cases_parse():
                     ("qlora", ["plain"]), ("padding", [])]
 
 
+def test_summarize_prints_the_records_as_markdown(one_process, capsys):
+    from remix_ds.bench import main
+
+    tmp, _, recs = one_process
+    assert main(["--summarize", str(tmp / "bench.jsonl")]) == 0
+    md = capsys.readouterr().out
+    assert f"### run {recs[0]['run_id']}" in md and "| case | ran as | tokens/s |" in md
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    for r in recs:
+        if r["bench"] == "train":
+            key = r["case"] + (f" (paired with {r['paired_with']})" if r.get("paired_with") else "")
+            assert key in rows, key
+            if "ratio_tokens_per_s" in r:
+                assert f"| {r['ratio_tokens_per_s']:.3f} |" in rows[key]
+                assert ("met" if r["meets_target"] else "not met") in rows[key]
+    assert "| no ZeRO |" in rows["lora:zero2"] and "| ZeRO-2 |" in rows["full:zero2"]
+    (ev,) = [r for r in recs if r["bench"] == "eval"]
+    assert f"| {ev['ratio']:.2f} |" in rows["eval:generate-vs-teacher-forced"]
+    pad = [r for r in recs if r["case"] == "padding:remix_ds"][0]
+    assert f"{pad['ratio_vs_naive_longest']:.3f} (vs pad-to-longest" in rows["padding:remix_ds"]
+    assert main(["--summarize", str(tmp / "bench.jsonl"), "--run-id", "nope"]) == 0
+    assert "no bench records with run_id nope" in capsys.readouterr().out
+
+
 def test_bench_on_two_ranks_sums_over_ranks_and_trains_as_one_process(one_process, tmp_path):
     """`deepspeed --num_gpus 2 launch/bench.py`: the plain loop is torch DDP, every case runs its share of the
     same global batches, and the records count all ranks. Same batches, same initial weights: each case's mean
