@@ -452,15 +452,12 @@ class RemixCase(TrainCase):
                           (True if zero_stage(self.ds_cfg) == 3 else None))
             raise
         self.device = self.eng.device
-        inner = self.raw_micro_step = self.eng.micro_step
-
-        def counting_micro_step(batch, scale):   # sees whatever batches the stage builds
-            self.processed_tokens += int(batch["input_ids"].numel())
-            return inner(batch, scale)
-        self.eng.micro_step = counting_micro_step
 
     def step(self, chunk) -> torch.Tensor:
-        return self.stage.global_step(self.eng, chunk, self.world, self.gas, self.rank, self.pad, self.pack)
+        count = self.stage.TokenCount()   # the positions of whatever batches the stage builds (as train_stage counts)
+        loss = self.stage.global_step(self.eng, chunk, self.world, self.gas, self.rank, self.pad, self.pack, count)
+        self.processed_tokens += count.ran
+        return loss
 
     def close(self) -> None:
         from .model import release_zero3
@@ -877,7 +874,7 @@ class Bench:
                     # several ranks: each its share of the random batch, the gradients averaged by DeepSpeed
                     batch = collate(chunk[rank::world], self.remix.pad, pad_to=self.pad_to)
                     self.processed_tokens += batch["input_ids"].numel()
-                    loss = self.remix.raw_micro_step(batch, world / n_tok)   # not counted as the stage's
+                    loss = self.remix.eng.micro_step(batch, world / n_tok)
                     self.remix.eng.step()
                     return loss
 
