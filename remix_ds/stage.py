@@ -381,11 +381,13 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                 loss_sum, ran_all = dist.all_reduce_sum(sums).tolist()
                 secs = max(time.time() - t_win, 1e-9)
                 last_loss = loss_sum / max(1, window_tokens)
+                tp = throughput(window_real, ran_all, secs)
                 record({"step": step, "epoch": epoch + (s + 1) / steps_per_epoch, "loss": last_loss,
-                        "lr": eng.lr(), "time": round(time.time() - t0, 3), **throughput(window_real, ran_all, secs)})
+                        "lr": eng.lr(), "time": round(time.time() - t0, 3), **tp})
                 tokens = {"real": tokens["real"] + window_real, "ran": tokens["ran"] + int(ran_all),
                           "seconds": tokens["seconds"] + secs}
-                bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{eng.lr():.2g}", tok_s=f"{window_real / secs:.0f}")
+                bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{eng.lr():.2g}",
+                                tok_s=f"{tp['padfree_tokens_per_s']:.0f}")
                 window_loss.zero_()
                 window_tokens = window_real = ran.ran = 0
                 t_win = time.time()
@@ -419,8 +421,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         t_win = time.time()   # the epoch's evaluation and checkpoint are not training time
     bar.close()
     train_seconds = time.time() - t0
-    if dist.is_main() and tokens["seconds"] > 0:
-        tp = throughput(tokens["real"], tokens["ran"], tokens["seconds"])
+    tp = throughput(tokens["real"], tokens["ran"], tokens["seconds"])   # the whole stage
+    if dist.is_main() and tp["tokens_per_s"] is not None:
         log.info("%s/stage%d: %d steps, %d tokens in %.1f s of training steps: %.0f tokens/s (%.0f run, padding "
                  "%.1f%%)", variant.name, k, step, tokens["real"], tokens["seconds"], tp["padfree_tokens_per_s"],
                  tp["tokens_per_s"], 100 * tp["padding"])
@@ -457,7 +459,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                "teacher_forced_accuracy": accs, "n_data": len(data), "n_mix": n_mix, "n_dropped": dropped,
                "zero_stage": zero_stage(ds_cfg), "trainable_parameters": n_trainable,
                "trainable_dtypes": trainable_dtypes, "tokens": tokens["real"], "tokens_run": tokens["ran"],
-               "step_seconds": round(tokens["seconds"], 3), **throughput(tokens["real"], tokens["ran"], tokens["seconds"])}
+               "step_seconds": round(tokens["seconds"], 3), **tp}
     if dist.is_main():
         if log_f:
             log_f.close()
