@@ -44,6 +44,18 @@ def run_cli(args, cwd=None, timeout=900, env=None):
     return subprocess.run(args, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+# the head of a small two-dataset recipe on the tiny model (str.format: name, out; stages and variants follow)
+TINY_AB_HEADER = """
+name: {name}
+output_dir: {out}
+model: tiny
+max_seq_length: 48
+datasets:
+  A: {{source: kvr, num_examples: 16}}
+  B: {{source: kvrB, num_examples: 16}}
+"""
+
+
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_recipe
+from conftest import TINY_AB_HEADER, run_cli, write_recipe
 from remix_ds.adapters import streaming_merge
 from remix_ds.model import load_for_eval, merge_adapter, quantization_config
 
@@ -84,15 +84,7 @@ def test_qlora_adapter_merges_into_dequantized_weights(tiny_dir, tmp_path):
     assert (logits(plain, IDS) - ref).abs().max() > 1e-3  # merging into the unquantised base would differ
 
 
-COMBO = """
-name: combo
-output_dir: {out}
-model: tiny
-max_seq_length: 48
-datasets:
-  A: {{source: kvr, num_examples: 16}}
-  B: {{source: kvrB, num_examples: 16}}
-eval: {{batch_size: 16}}
+COMBO = TINY_AB_HEADER + """eval: {{batch_size: 16}}
 stage1: {{data: A, finetune: full, stop: fixed, epochs: 1, lr: 3.0e-3, global_batch_size: 8, probe: true,
           lora: {{r: 8, alpha: 16}}}}
 stage2: {{data: B, finetune: full, stop: fixed, epochs: 1, lr: 3.0e-3, global_batch_size: 8, probe: true,
@@ -114,7 +106,7 @@ variants:
 @pytest.fixture(scope="module")
 def combo(tmp_path_factory, tiny_dir):
     tmp = tmp_path_factory.mktemp("combo")
-    recipe = write_recipe(tmp / "r.yaml", COMBO.format(out=tmp / "run"))
+    recipe = write_recipe(tmp / "r.yaml", COMBO.format(name="combo", out=tmp / "run"))
     res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe)])
     assert res.returncode == 0, res.stderr[-4000:]
     return tmp / "run"
@@ -164,7 +156,7 @@ def test_qlora_stage_reloads_to_training_logits_and_merges(combo):
     ("variants.1.stage1.merge=false", "the next stage is full fine-tuning"),
 ])
 def test_impossible_combinations_are_refused_before_training(tmp_path, override, needle):
-    text = COMBO.format(out=tmp_path / "run").replace("stage2: {finetune: lora}", "stage2: {finetune: qlora}", 1)
+    text = COMBO.format(name="combo", out=tmp_path / "run").replace("stage2: {finetune: lora}", "stage2: {finetune: qlora}", 1)
     assert "finetune: qlora}" in text
     recipe = write_recipe(tmp_path / "r.yaml", text)
     res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe), override])

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli, write_recipe
+from conftest import TINY_AB_HEADER, run_cli, write_recipe
 from remix_ds.engine import resolve_ds_config
 
 KW = dict(global_batch_size=8, micro_batch_size=8, grad_accum=1, grad_clip=1.0, hidden_size=128)
@@ -50,21 +50,10 @@ def test_zero3_keeps_lora_adapters_whole_on_every_rank():
     assert full["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * 128
 
 
-HEADER = """
-name: {name}
-output_dir: {out}
-model: tiny
-max_seq_length: 48
-datasets:
-  A: {{source: kvr, num_examples: 16}}
-  B: {{source: kvrB, num_examples: 16}}
-"""
-
-
 def _run_stage1(tmp_path, name: str, body: str):
-    """Write HEADER + body (its braces escaped for str.format) as a recipe, run stage 1 of every variant in one process; the run directory."""
+    """Write TINY_AB_HEADER + body (its braces escaped for str.format) as a recipe, run stage 1 of every variant in one process; the run directory."""
     out = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "recipe.yaml", (HEADER + body).format(name=name, out=out))
+    recipe = write_recipe(tmp_path / "recipe.yaml", (TINY_AB_HEADER + body).format(name=name, out=out))
     res = run_cli([sys.executable, "launch/stage1.py", "--config", str(recipe)], timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     return out
