@@ -144,6 +144,7 @@ class StageSpec:
     resume: str = "auto"          # auto: continue from the newest complete checkpoint of the same config; never
     track: bool = True            # teacher-forced accuracy of this and earlier factoid sets after every epoch
     probe: bool = False           # save the engine's logits on a few examples (checks that saving is exact)
+    tensorboard: bool = False     # also write the train_log scalars as TensorBoard events (<stage dir>/tensorboard)
 
 
 @dataclass

@@ -7,6 +7,7 @@ in ``<output_dir>/<variant>/stage<k>/``:
 - ``train_log.jsonl``  one line per logged step (loss, lr, tokens/s, padding) and per epoch (accuracies)
 - ``model/``           full fine-tuning: the whole model (safetensors HF directory)
 - ``adapter/``         LoRA: the PEFT adapter; ``merged/`` the adapter merged into the base
+- ``tensorboard/``     with ``tensorboard: true``: the train_log scalars as TensorBoard events
 - ``DONE.json``        written last: the fingerprint and the training summary
 """
 from __future__ import annotations
@@ -69,12 +70,18 @@ def output_model(recipe: Recipe, variant: Variant, k: int) -> str:
     return adapters[-1] if adapters else base
 
 
+# stage keys that change how a run is logged and checkpointed, not what it trains: changing one neither
+# retrains a complete stage nor stops a resume from the checkpoints of an interrupted one
+OPERATIONAL_KEYS = ("log_every", "save_every", "keep_checkpoints", "resume", "tensorboard")
+
+
 def fingerprint(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     """Everything that determines stage k's output (including all earlier stages)."""
     import dataclasses
 
     spec = variant.stages[k - 1]
-    fp = {"stage": dataclasses.asdict(spec), "data": dataclasses.asdict(recipe.datasets[spec.data]),
+    stage = {key: v for key, v in dataclasses.asdict(spec).items() if key not in OPERATIONAL_KEYS}
+    fp = {"stage": stage, "data": dataclasses.asdict(recipe.datasets[spec.data]),
           "seed": recipe.seed, "precision": recipe.precision, "max_seq_length": recipe.max_seq_length,
           "ds_config": load_ds_config(spec.ds_config or recipe.ds_config)}
     if k == 1:
@@ -237,8 +244,29 @@ def truncate_log(path: Path, step: int) -> None:
 
 # ------------------------------------------------------------------ the stage
 
+def tensorboard_writer(out: Path, step: int):
+    """A SummaryWriter on ``out/tensorboard``; resuming at ``step``, events after it from before are dropped."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+
+
+def tensorboard_scalars(row: Dict[str, Any]) -> Dict[str, float]:
+    """The numbers of one train_log.jsonl row under TensorBoard tags (train/*, teacher_forced_accuracy/*)."""
+    if "loss" in row:
+        keys = ("loss", "lr", "epoch", "tokens_per_s", "padfree_tokens_per_s", "padding")
+        return {f"train/{key}": float(row[key]) for key in keys if row.get(key) is not None}
+    return {f"teacher_forced_accuracy/{key}": float(v) for key, v in row.get("teacher_forced_accuracy", {}).items()}
+
+
 def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     spec: StageSpec = variant.stages[k - 1]
+    if spec.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{variant.name}/stage{k}: tensorboard: true needs the tensorboard package "
+                              f"(pip install tensorboard, or pip install -e '.[tensorboard]')") from None
     out = stage_dir(recipe, variant, k)
     fp = fingerprint(recipe, variant, k)
     h = stage_hash(fp)
@@ -251,7 +279,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         stale = ["DONE.json", "model", "adapter", "merged", "eval"]
         if resume_tag is None:
-            stale += ["train_log.jsonl", "checkpoints", "probe_logits.pt"]
+            stale += ["train_log.jsonl", "checkpoints", "probe_logits.pt", "tensorboard"]
         for name in stale:
             p = out / name
             shutil.rmtree(p) if p.is_dir() else (p.unlink() if p.exists() else None)
@@ -324,11 +352,15 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                      state["step"], state["epoch"])
         dist.barrier()
     log_f = open(out / "train_log.jsonl", "a") if dist.is_main() else None
+    tb = tensorboard_writer(out, state["step"]) if spec.tensorboard and dist.is_main() else None
 
     def record(obj):
         if log_f:
             log_f.write(json.dumps(obj) + "\n")
             log_f.flush()
+        if tb is not None:
+            for tag, value in tensorboard_scalars(obj).items():
+                tb.add_scalar(tag, value, obj["step"])
 
     t0 = time.time() - state["t"]
     step, below, last_loss, accs = state["step"], state["below"], state["last_loss"], state["accs"]
@@ -354,6 +386,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         # between the new marker and a later prune would leave one too many); keep 1: prune after instead
         if dist.is_main():
             prune_checkpoints(ckpt_root, max(1, spec.keep_checkpoints - 1))
+            if tb is not None:
+                tb.flush()   # a resume starts after this step: events up to it must be on disk
         dist.barrier()   # no rank starts writing the new tag while rank 0 removes incomplete ones
         eng.save_checkpoint(str(ckpt_root), f"step{step}", {"loop": loop, "rng": torch.get_rng_state()},
                             marker={"step": step, "hash": h})
@@ -463,6 +497,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     if dist.is_main():
         if log_f:
             log_f.close()
+        if tb is not None:
+            tb.close()
         write_json_atomic(str(out / "DONE.json"), {"hash": h, "summary": summary})
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the final output supersedes them
     dist.barrier()

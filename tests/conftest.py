@@ -59,3 +59,12 @@ datasets:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def read_tensorboard(logdir: Path):
+    """The scalars of a TensorBoard log directory as {tag: [(step, value), ...]}, purged events dropped."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

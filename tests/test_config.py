@@ -124,3 +124,36 @@ def test_sweep_expands_lora_rank_into_variants(tmp_path):
     d["variants"] = [{"name": "x", "sweep": {"lr": [1]}}]
     with pytest.raises(ConfigError, match="must be a stage key"):
         recipe_from_dict(d)
+
+
+def test_fingerprint_ignores_logging_keys_only(tmp_path):
+    """Logging and checkpoint keys neither retrain a complete stage nor block a resume; training keys do,
+    in this stage and in every later one."""
+    from remix_ds.config import stage_hash
+    from remix_ds.stage import OPERATIONAL_KEYS, fingerprint
+
+    def hashes(overrides):
+        p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
+        r = load_recipe(str(p), overrides)
+        return [stage_hash(fingerprint(r, r.variants[0], k)) for k in (1, 2)]
+
+    ref = hashes([])
+    logging_only = ["stage1.log_every=3", "stage1.save_every=4", "stage1.keep_checkpoints=5",
+                    "stage1.resume=never", "stage1.tensorboard=true"]
+    assert len(logging_only) == len(OPERATIONAL_KEYS)
+    assert hashes(logging_only) == ref
+    lr = hashes(["stage1.lr=0.001"])
+    assert lr[0] != ref[0] and lr[1] != ref[1]                 # stage 2 builds on the changed stage 1
+    packing = hashes(["stage2.packing=false"])
+    assert packing[0] == ref[0] and packing[1] != ref[1]       # stage 1 is untouched by a stage-2 key
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    from remix_ds.stage import train_stage
+
+    p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
+    r = load_recipe(str(p), ["stage1.tensorboard=true"])
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import fails as if not installed
+    with pytest.raises(ConfigError, match="tensorboard: true needs the tensorboard package"):
+        train_stage(r, r.variants[0], 1)
+    assert not (tmp_path / "run").exists()                     # refused before anything was written

@@ -6,7 +6,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_recipe
+from conftest import read_tensorboard, run_cli, write_recipe
 
 RECIPE = """
 name: e2e
@@ -98,10 +98,22 @@ def test_rerun_skips_complete_stages(run):
     out, recipe, _ = run
     done = out / "full" / "stage1" / "DONE.json"
     before = os.path.getmtime(done)
+    # stage 1's logging keys change (not what it trains); stage 2 trains one epoch, with TensorBoard events
     res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe), "--variant", "full",
-                   "stage2.epochs=1"])
+                   "stage1.log_every=3", "stage1.save_every=5", "stage2.epochs=1", "stage2.tensorboard=true"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert os.path.getmtime(done) == before                      # stage 1 unchanged: not retrained
     assert "full/stage1: complete output found" in res.stderr
     s2 = json.load(open(out / "full" / "stage2" / "DONE.json"))
     assert s2["summary"]["epochs"] == 1                          # stage 2's config changed: retrained
+    # the TensorBoard scalars are the train_log's rows: 40 / 10 = 4 steps, the loss logged at the epoch end
+    log_rows = [json.loads(l) for l in open(out / "full" / "stage2" / "train_log.jsonl")]
+    tb = read_tensorboard(out / "full" / "stage2" / "tensorboard")
+    losses = [(r["step"], r["loss"]) for r in log_rows if "loss" in r]
+    assert [s for s, _ in tb["train/loss"]] == [s for s, _ in losses] == [4]
+    assert tb["train/loss"][0][1] == pytest.approx(losses[0][1], rel=1e-6)
+    assert {"train/lr", "train/tokens_per_s", "train/padfree_tokens_per_s", "train/padding"} <= set(tb)
+    epoch_row = next(r for r in log_rows if "teacher_forced_accuracy" in r)
+    for key, acc in epoch_row["teacher_forced_accuracy"].items():  # A (forgetting) and B, after the epoch
+        assert tb[f"teacher_forced_accuracy/{key}"] == [(4, pytest.approx(acc))]
+    assert set(epoch_row["teacher_forced_accuracy"]) == {"A", "B"}

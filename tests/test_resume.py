@@ -10,7 +10,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli, write_recipe
+from conftest import REPO, read_tensorboard, run_cli, write_recipe
 
 RECIPE = """
 name: resume
@@ -36,7 +36,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
     out_b = tmp_path / "b"
     stage_b = out_b / "full" / "stage1"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "launch/stage1.py", "--config", str(recipe), f"output_dir={out_b}"]
+    cmd = [sys.executable, "launch/stage1.py", "--config", str(recipe), f"output_dir={out_b}",
+           "stage1.tensorboard=true"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -65,6 +66,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
     # 40 / 8 = 5 steps x 5 epochs; the loss is logged every 10 steps (log_every), at each epoch end and at
     # each checkpoint (every 2 steps), each exactly once across the kill and the resume
     assert steps == [s for s in range(1, 26) if s % 10 == 0 or s % 5 == 0 or s % 2 == 0]
+    # TensorBoard too: each logged step once (the events the killed run wrote after its checkpoint purged)
+    tb = read_tensorboard(stage_b / "tensorboard")
+    assert [s for s, _ in tb["train/loss"]] == steps
     ref_log = [json.loads(l) for l in open(tmp_path / "a" / "full" / "stage1" / "train_log.jsonl") if '"loss"' in l]
     res_log = [json.loads(l) for l in open(stage_b / "train_log.jsonl") if '"loss"' in l]
     for x, y in zip(ref_log, res_log):
