@@ -29,5 +29,5 @@ setup(
         "rouge-score>=0.1.2",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "tensorboard>=2.14"], "tensorboard": ["tensorboard>=2.14"]},
 )

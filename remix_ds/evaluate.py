@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SCORERS = ("generate", "teacher-forced")
 # Bump when what an evaluation computes changes: cached eval/<key>.json files of older versions are redone.
-METRICS_VERSION = 2
+METRICS_VERSION = 3
 
 
 def check_scorer(scorer: str, where: str = "eval.scorer") -> str:
@@ -47,8 +47,16 @@ def check_scorer(scorer: str, where: str = "eval.scorer") -> str:
     return scorer
 
 
+def decode(tokenizer, ids) -> str:
+    """Generated token ids as text, exactly: no "clean-up" of spaces (Llama-3's tokenizers turn " ." into "."
+    and " 's" into "'s" by default, so a gold answer holding them could never match)."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def default_max_new_tokens(tokenizer, examples: Sequence[Example]) -> int:
-    return max(len(tokenizer.encode(ex.answer, add_special_tokens=False)) for ex in examples) + 4
+    """The longest gold answer or alias, in tokens, + 4: room for every form the alias match accepts."""
+    return max(len(tokenizer.encode(g, add_special_tokens=False))
+               for ex in examples for g in [ex.answer, *ex.aliases]) + 4
 
 
 # ------------------------------------------------------------------ ZeRO-3 awareness
@@ -106,7 +114,7 @@ def generate(model, tokenizer, prompts: Sequence[str], batch_size: int, max_new_
              device: torch.device, progress: bool = False, n_batches: Optional[int] = None) -> List[str]:
     """Greedy continuations of the prompts as text (special tokens dropped)."""
     rows = generate_token_ids(model, tokenizer, prompts, batch_size, max_new_tokens, device, progress, n_batches)
-    return [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+    return [decode(tokenizer, r) for r in rows]
 
 
 def score_predictions(examples: Sequence[Example], predictions: Sequence[str], rouge: bool = True
@@ -156,7 +164,7 @@ def evaluate_generation(model, tokenizer, examples: Sequence[Example], *, batch_
     with ctx:  # ranks stay in step (same number of generate calls, synced_gpus) whenever the model is ZeRO-3
         token_rows = generate_token_ids(model, tokenizer, [examples[i].prompt for i in mine], batch_size, max_new,
                                         device, progress=dist.is_main(), n_batches=n_batches)
-    preds = [tokenizer.decode(t, skip_special_tokens=True) for t in token_rows]
+    preds = [decode(tokenizer, t) for t in token_rows]
     gathered = dist.all_gather_object(list(zip(mine, preds)))
     predictions = [""] * len(examples)
     for part in gathered:
@@ -280,7 +288,7 @@ def evaluate_teacher_forced(model, tokenizer, examples: Sequence[Example], *, ba
     model.eval()
     enc = encode_for_scoring(tokenizer, examples)
     res = teacher_forced_scores(model_predict_fn(model, device), enc, batch_size, pad_id_of(tokenizer))
-    mine = [(i, ok, tokenizer.decode(prefix, skip_special_tokens=True)) for i, ok, prefix in res]
+    mine = [(i, ok, decode(tokenizer, prefix)) for i, ok, prefix in res]
     correct = [False] * len(examples)
     predictions = [""] * len(examples)
     for part in dist.all_gather_object(mine):

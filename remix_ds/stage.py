@@ -12,6 +12,7 @@ in ``<output_dir>/<variant>/stage<k>/``:
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -263,7 +264,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     spec: StageSpec = variant.stages[k - 1]
     if spec.tensorboard:
         try:
-            import torch.utils.tensorboard  # noqa: F401
+            importlib.import_module("torch.utils.tensorboard")
         except ImportError:
             raise ConfigError(f"{variant.name}/stage{k}: tensorboard: true needs the tensorboard package "
                               f"(pip install tensorboard, or pip install -e '.[tensorboard]')") from None

@@ -90,6 +90,33 @@ def test_unknown_scorer_is_refused():
         check_scorer("teacher_forcing")
 
 
+def test_predictions_are_decoded_without_space_clean_up(tiny_dir):
+    """Llama-3's tokenizers "clean up" " ." to "." on decode by default; predictions keep the text as generated,
+    so a gold answer holding " 's" or " ," can match (the tiny tokenizer switched to clean-up here, as the
+    transformers versions setup.py allows do for Llama-3)."""
+    from remix_ds.evaluate import decode
+    from remix_ds.model import load_tokenizer
+
+    tok = load_tokenizer(tiny_dir)
+    tok.clean_up_tokenization_spaces = True
+    # transformers >= 5.2x ignores the clean-up for BPE tokenizers unless told this too (older ones apply it)
+    tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    text = "ocean 's eleven , part 2 ."
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=True) != text        # what the default would have scored
+    assert decode(tok, ids + [tok.eos_token_id]) == text
+
+
+def test_generation_budget_covers_the_longest_alias(tiny_dir):
+    from remix_ds.evaluate import default_max_new_tokens
+    from remix_ds.model import load_tokenizer
+
+    tok = load_tokenizer(tiny_dir)
+    long_alias = "the value of key number seventeen"
+    ex = Example(prompt="q", answer="x", aliases=[long_alias], source="popqa")
+    assert default_max_new_tokens(tok, [ex]) == len(tok.encode(long_alias, add_special_tokens=False)) + 4
+
+
 # ------------------------------------------------------------------ on a trained tiny model
 
 @pytest.fixture(scope="module")
