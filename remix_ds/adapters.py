@@ -88,8 +88,12 @@ def _shards(base_dir: str):
 
 
 def streaming_merge(base_dir: str, adapter_dir, out_dir: str, dtype: Optional[torch.dtype] = None,
-                    nf4: bool = False) -> Dict[str, float]:
-    """Merge shard by shard; returns {'merged': n, 'shards': n, 'peak_rss_gib': x}."""
+                    nf4: bool = False, nf4_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
+    """Merge shard by shard; returns {'merged': n, 'shards': n, 'peak_rss_gib': x}.
+
+    ``nf4``: the adapter was trained on the NF4-quantised base (QLoRA): each projection weight is cast to
+    ``nf4_dtype`` (the dtype the base was loaded in for training: bitsandbytes quantised that, not the file's
+    dtype) and put through the same NF4 round trip before the adapter goes in."""
     if not os.path.isdir(base_dir):
         raise ConfigError(f"base {base_dir!r}: not a local model directory")
     adapter_dirs = [adapter_dir] if isinstance(adapter_dir, (str, os.PathLike)) else list(adapter_dir)
@@ -111,7 +115,11 @@ def streaming_merge(base_dir: str, adapter_dir, out_dir: str, dtype: Optional[to
                     w = f.get_tensor(key)
                     target = dtype or w.dtype
                     if nf4 and NF4_MODULES.search(key):
-                        w = nf4_roundtrip(w)
+                        w = nf4_roundtrip(w.to(nf4_dtype or w.dtype))
+                    elif nf4 and w.dim() == 2 and not re.search(r"embed|lm_head", key):
+                        raise ConfigError(f"{base_dir}: {key} is neither a Llama-style projection (q/k/v/o, "
+                                          f"gate/up/down) nor an embedding: the QLoRA merge would leave it "
+                                          f"unquantised; merge this architecture with merge: false")
                     if key in pairs:
                         acc = w.float()
                         for a, b, scale in pairs.pop(key):

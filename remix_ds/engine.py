@@ -202,6 +202,15 @@ def answer_argmax(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Ten
     return pred
 
 
+def logit_transform(config) -> Optional[str]:
+    """The name of the config field by which a model transforms its logits after the output layer, if any."""
+    for name, neutral in (("logits_scaling", 1.0), ("logit_scale", 1.0), ("final_logit_softcapping", None)):
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            return name
+    return None
+
+
 class AnswerLoss(torch.nn.Module):
     """The causal LM with its output layer applied only where it is needed.
 
@@ -225,6 +234,10 @@ class AnswerLoss(torch.nn.Module):
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
         self._decoder = base.get_decoder()
         self._head = base.get_output_embeddings()
+        # families that transform the logits after the output layer (Granite divides by logits_scaling, Cohere
+        # multiplies by logit_scale, Gemma 2/3 soft-cap them): run the model's own forward, which applies
+        # them, and take its logits at the answer positions (exact; the full logits are formed there)
+        self._own_forward = logit_transform(getattr(base, "config", None)) is not None
 
     def forward(self, input_ids, attention_mask, labels=None, position_ids=None, predict=False):
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -235,14 +248,20 @@ class AnswerLoss(torch.nn.Module):
                 attention_mask = attention_mask[..., :-1, :-1].contiguous()
             if position_ids is not None:
                 position_ids = position_ids[:, :-1]
-        hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+        if self._own_forward:   # "hidden" is then the logits themselves, and the head the identity
+            head = torch.nn.Identity()
+            hidden = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
+        else:
+            head = self._head
+            hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
         if labels is None:
-            return self._head(hidden)
+            return head(hidden)
         hidden = hidden[:, :labels.shape[1] - 1]   # [B, L-1, H] (a one-token batch: no position to train)
         if predict:   # teacher-forced scoring: the greedy token at each answer position
-            return answer_argmax(hidden, self._head, labels)
-        logits, target, _ = _answer_logits(hidden, self._head, labels)
+            return answer_argmax(hidden, head, labels)
+        logits, target, _ = _answer_logits(hidden, head, labels)
         return F.cross_entropy(logits.float(), target, reduction="sum")
 
 

@@ -53,6 +53,10 @@ def check_combination(spec, ds_cfg: Dict[str, Any], next_spec, where: str) -> No
         if offloads_params(ds_cfg):
             raise ConfigError(f"{where}: finetune: qlora cannot run with ZeRO-3 parameter offload "
                               f"(4-bit weights cannot be offloaded to CPU by DeepSpeed); use zero3 or zero2")
+    if spec.finetune == "qlora" and not spec.merge:
+        raise ConfigError(f"{where}: merge: false is not supported for qlora: the adapter was trained on the NF4 "
+                          f"base, and evaluation and later stages would load it on the unquantised one; use "
+                          f"merge: true (the adapter goes into the NF4-dequantised weights it was trained on)")
     if spec.finetune == "full" and not spec.merge:
         raise ConfigError(f"{where}: merge: false only applies to lora / qlora stages")
     if spec.finetune != "full" and not spec.merge and next_spec is not None and next_spec.finetune == "full":

@@ -484,7 +484,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         if dist.is_main():
             # shard by shard on CPU; a QLoRA adapter goes into the NF4-dequantised 16-bit weights
             stats = streaming_merge(local_model_dir(base), frozen + [str(out / "adapter")], str(out / "merged"),
-                                    dtype=save_dtype, nf4=spec.finetune == "qlora")
+                                    dtype=save_dtype, nf4=spec.finetune == "qlora", nf4_dtype=dtype)
             log.info("%s/stage%d: merged %d adapted weights into %s (peak RSS %.2f GiB)", variant.name, k,
                      stats["merged"], out / "merged", stats["peak_rss_gib"])
         dist.barrier()

@@ -84,6 +84,29 @@ def test_qlora_adapter_merges_into_dequantized_weights(tiny_dir, tmp_path):
     assert (logits(plain, IDS) - ref).abs().max() > 1e-3  # merging into the unquantised base would differ
 
 
+def test_qlora_merge_quantises_the_weights_training_saw(tiny_dir, tmp_path):
+    """The tiny model is stored in fp32; QLoRA in bf16 quantises each weight's bf16 cast. The merge must
+    round-trip that cast, not the file's fp32 (a whole NF4 step apart on some elements)."""
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM
+
+    adapter = make_adapter(tiny_dir, tmp_path / "q", seed=5)
+    bf16 = torch.bfloat16
+    base4 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=bf16, quantization_config=quantization_config(bf16))
+    key = "model.layers.0.mlp.down_proj.weight"
+    w4 = base4.model.layers[0].mlp.down_proj.weight
+    seen = bnbf.dequantize_4bit(w4.data, w4.quant_state, quant_type="nf4").float()   # what training used
+    ad = load_file(f"{adapter}/adapter_model.safetensors")
+    module = "base_model.model.model.layers.0.mlp.down_proj"
+    delta = 2.0 * (ad[f"{module}.lora_B.weight"] @ ad[f"{module}.lora_A.weight"])     # alpha / r = 2
+    streaming_merge(tiny_dir, adapter, str(tmp_path / "m"), dtype=torch.float32, nf4=True, nf4_dtype=bf16)
+    merged = load_file(str(tmp_path / "m" / "model.safetensors"))[key]
+    torch.testing.assert_close(merged, seen + delta, atol=1e-6, rtol=0)
+    # round-tripping the file's fp32 instead quantises a different weight
+    streaming_merge(tiny_dir, adapter, str(tmp_path / "f"), dtype=torch.float32, nf4=True)
+    assert (load_file(str(tmp_path / "f" / "model.safetensors"))[key] - (seen + delta)).abs().max() > 1e-3
+
+
 COMBO = TINY_AB_HEADER + """eval: {{batch_size: 16}}
 stage1: {{data: A, finetune: full, stop: fixed, epochs: 1, lr: 3.0e-3, global_batch_size: 8, probe: true,
           lora: {{r: 8, alpha: 16}}}}
@@ -154,6 +177,7 @@ def test_qlora_stage_reloads_to_training_logits_and_merges(combo):
 @pytest.mark.parametrize("override,needle", [
     ("variants.0.stage2.ds_config=zero3_offload", "cannot run with ZeRO-3 parameter offload"),
     ("variants.1.stage1.merge=false", "the next stage is full fine-tuning"),
+    ("variants.0.stage2.merge=false", "merge: false is not supported for qlora"),
 ])
 def test_impossible_combinations_are_refused_before_training(tmp_path, override, needle):
     text = COMBO.format(name="combo", out=tmp_path / "run").replace("stage2: {finetune: lora}", "stage2: {finetune: qlora}", 1)

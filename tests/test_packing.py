@@ -166,3 +166,34 @@ def test_global_step_counts_the_token_positions_it_runs():
     global_step(eng, chunk[:1], 2, 1, 1, pad=0, count=count)
     assert eng.scales == [0.0] and count.ran == 28 and eng.steps == 1
     assert throughput(0, 0, 0.0)["tokens_per_s"] is None
+
+
+def test_answer_loss_keeps_the_logit_transforms_of_other_families():
+    """Granite divides its logits by logits_scaling and Gemma 2 soft-caps them after the output layer:
+    AnswerLoss's loss and greedy tokens equal the model's own (HF loss over the same answer positions)."""
+    import pytest
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig,
+                              LlamaForCausalLM)
+
+    from remix_ds.engine import AnswerLoss, logit_transform
+
+    kw = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4)
+    torch.manual_seed(0)
+    models = {"llama": LlamaForCausalLM(LlamaConfig(**kw)),
+              "granite": GraniteForCausalLM(GraniteConfig(logits_scaling=8.0, **kw)),
+              "gemma2": Gemma2ForCausalLM(Gemma2Config(final_logit_softcapping=0.5, head_dim=8, **kw))}
+    ids = torch.randint(0, 100, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    n = int((labels[:, 1:] != IGNORE).sum())
+    for name, m in models.items():
+        m.eval()
+        assert (logit_transform(m.config) is None) == (name == "llama")
+        with torch.no_grad():
+            ref = m(input_ids=ids, labels=labels)
+            ours = AnswerLoss(m)(ids, None, labels) / n
+            pred = AnswerLoss(m)(ids, None, labels, predict=True)
+        assert ours.item() == pytest.approx(ref.loss.item(), abs=1e-5), name
+        keep = labels[:, 1:] != IGNORE
+        assert torch.equal(pred[keep], ref.logits[:, :-1].argmax(-1)[keep]), name
