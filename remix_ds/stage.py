@@ -111,7 +111,12 @@ def is_complete(recipe: Recipe, variant: Variant, k: int) -> bool:
 # ------------------------------------------------------------------ batching
 
 def batch_plan(world: int, global_batch_size: int, micro_batch_size: Optional[int]):
-    micro = micro_batch_size or global_batch_size // world
+    if not micro_batch_size:
+        if global_batch_size % world:
+            raise ConfigError(f"global_batch_size {global_batch_size} is not a multiple of the world size {world} "
+                              f"(each rank takes an equal share); change global_batch_size or the number of ranks")
+        return global_batch_size // world, 1
+    micro = micro_batch_size
     if micro < 1 or global_batch_size % (micro * world):
         raise ConfigError(f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
                           f"{micro} x world size {world}; change global_batch_size or micro_batch_size")
@@ -195,8 +200,12 @@ def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: i
 
 # ------------------------------------------------------------------ checkpoints
 
-def latest_checkpoint(root: Path, h: str) -> Optional[str]:
-    """The newest checkpoint tag with a completion marker of this config, or None."""
+def latest_checkpoint(root: Path, h: str, layout: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """The newest checkpoint tag with a completion marker of this config, or None.
+
+    ``layout`` (world size, resolved precision): DeepSpeed cannot load a checkpoint written by another number of
+    ranks; if the newest checkpoint of this config was, that is an error that says so (not a crash inside
+    DeepSpeed, and not a silent fresh start that would delete it)."""
     best = None
     if root.is_dir():
         for d in root.iterdir():
@@ -206,8 +215,16 @@ def latest_checkpoint(root: Path, h: str) -> Optional[str]:
             except (OSError, ValueError):
                 continue
             if info.get("hash") == h and (best is None or info["step"] > best[0]):
-                best = (info["step"], d.name)
-    return best[1] if best else None
+                best = (info["step"], d.name, info)
+    if best is None:
+        return None
+    for key, value in (layout or {}).items():
+        if key in best[2] and best[2][key] != value:
+            raise ConfigError(f"{root / best[1]}: this checkpoint was written with {key} {best[2][key]!r}, this run "
+                              f"has {value!r}; DeepSpeed cannot resume across that change. Rerun with {key} "
+                              f"{best[2][key]!r}, or set resume: never to start the stage afresh (which deletes "
+                              f"{root})")
+    return best[1]
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
@@ -273,16 +290,27 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     h = stage_hash(fp)
     world, rank = dist.world_size(), dist.rank()
     micro, gas = batch_plan(world, spec.global_batch_size, spec.micro_batch_size)
+    precision = resolve_precision(recipe.precision)
+    layout = {"world_size": world, "precision": precision}   # what a DeepSpeed checkpoint cannot change
 
     ckpt_root = out / "checkpoints"
-    resume_tag = dist.broadcast_object(latest_checkpoint(ckpt_root, h) if spec.resume == "auto" else None)
+    found = None
+    if dist.is_main() and spec.resume == "auto":
+        try:
+            found = latest_checkpoint(ckpt_root, h, layout)
+        except ConfigError as e:
+            found = e
+    found = dist.broadcast_object(found)
+    if isinstance(found, ConfigError):   # every rank raises it, none waits in a collective
+        raise found
+    resume_tag = found
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         stale = ["DONE.json", "model", "adapter", "merged", "eval"]
         if resume_tag is None:
             stale += ["train_log.jsonl", "checkpoints", "probe_logits.pt", "tensorboard"]
-        for name in stale:
-            p = out / name
+        # and what a killed save left: <name>.tmp-<pid> directories and files (engine.atomic_save)
+        for p in [out / name for name in stale] + sorted(out.glob("*.tmp-*")):
             shutil.rmtree(p) if p.is_dir() else (p.unlink() if p.exists() else None)
     dist.barrier()
 
@@ -306,7 +334,6 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                 tracked[key] = own_eval if j == k and key == spec.data else \
                     encode_examples(tok, dataset_examples(recipe, key), 10 ** 9)[0]
 
-    precision = resolve_precision(recipe.precision)
     dtype = torch_dtype(precision)
     from transformers import AutoConfig
     mcfg = AutoConfig.from_pretrained(base)
@@ -347,6 +374,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         cs = eng.load_checkpoint(str(ckpt_root), resume_tag)
         state.update(cs["loop"])
         torch.set_rng_state(cs["rng"])
+        if torch.cuda.is_available() and len(cs.get("cuda_rng", ())) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cs["cuda_rng"])
         if dist.is_main():
             truncate_log(out / "train_log.jsonl", state["step"])
             log.info("%s/stage%d: resumed from checkpoint %s (step %d, epoch %d)", variant.name, k, resume_tag,
@@ -390,8 +419,10 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
             if tb is not None:
                 tb.flush()   # a resume starts after this step: events up to it must be on disk
         dist.barrier()   # no rank starts writing the new tag while rank 0 removes incomplete ones
-        eng.save_checkpoint(str(ckpt_root), f"step{step}", {"loop": loop, "rng": torch.get_rng_state()},
-                            marker={"step": step, "hash": h})
+        client = {"loop": loop, "rng": torch.get_rng_state()}
+        if torch.cuda.is_available():   # LoRA dropout on a GPU draws from the CUDA generator
+            client["cuda_rng"] = torch.cuda.get_rng_state_all()
+        eng.save_checkpoint(str(ckpt_root), f"step{step}", client, marker={"step": step, "hash": h, **layout})
         if dist.is_main() and spec.keep_checkpoints == 1:
             prune_checkpoints(ckpt_root, 1)
         return True

@@ -157,3 +157,15 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="tensorboard: true needs the tensorboard package"):
         train_stage(r, r.variants[0], 1)
     assert not (tmp_path / "run").exists()                     # refused before anything was written
+
+
+def test_batch_plan_messages_name_what_was_chosen():
+    from remix_ds.stage import batch_plan
+
+    assert batch_plan(2, 32, None) == (16, 1) and batch_plan(2, 32, 4) == (4, 4)
+    with pytest.raises(ConfigError, match="global_batch_size 4 is not a multiple of the world size 8"):
+        batch_plan(8, 4, None)
+    with pytest.raises(ConfigError, match="global_batch_size 32 is not a multiple of the world size 3"):
+        batch_plan(3, 32, None)
+    with pytest.raises(ConfigError, match="not a multiple of micro_batch_size 5 x world size 2"):
+        batch_plan(2, 32, 5)

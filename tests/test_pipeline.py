@@ -98,6 +98,9 @@ def test_rerun_skips_complete_stages(run):
     out, recipe, _ = run
     done = out / "full" / "stage1" / "DONE.json"
     before = os.path.getmtime(done)
+    leftover = out / "full" / "stage2" / "model.tmp-99999"   # what a save killed mid-write leaves
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"partial")
     # stage 1's logging keys change (not what it trains); stage 2 trains one epoch, with TensorBoard events
     res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe), "--variant", "full",
                    "stage1.log_every=3", "stage1.save_every=5", "stage2.epochs=1", "stage2.tensorboard=true"])
@@ -106,6 +109,7 @@ def test_rerun_skips_complete_stages(run):
     assert "full/stage1: complete output found" in res.stderr
     s2 = json.load(open(out / "full" / "stage2" / "DONE.json"))
     assert s2["summary"]["epochs"] == 1                          # stage 2's config changed: retrained
+    assert not leftover.exists()                                 # the retrained stage cleared it
     # the TensorBoard scalars are the train_log's rows: 40 / 10 = 4 steps, the loss logged at the epoch end
     log_rows = [json.loads(l) for l in open(out / "full" / "stage2" / "train_log.jsonl")]
     tb = read_tensorboard(out / "full" / "stage2" / "tensorboard")

@@ -49,6 +49,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
     assert target.exists(), "the run ended before its checkpoint at step 12"
     assert not (stage_b / "DONE.json").exists()
     assert not (stage_b / "model").exists()
+    marker = json.load(open(target))
+    assert marker["world_size"] == 1 and marker["precision"] == "fp32"   # what DeepSpeed cannot resume across
     tags = sorted(os.listdir(stage_b / "checkpoints"))
     assert "step12" in tags and len([t for t in tags if (stage_b / "checkpoints" / t / "COMPLETE.json").exists()]) <= 2
 
@@ -77,3 +79,28 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
     ref_sum = json.load(open(tmp_path / "a" / "full" / "stage1" / "DONE.json"))["summary"]
     res_sum = json.load(open(stage_b / "DONE.json"))["summary"]
     assert res_sum["tokens"] == ref_sum["tokens"] > 0 and res_sum["tokens_run"] == ref_sum["tokens_run"]
+
+
+def test_a_checkpoint_of_another_world_size_is_a_clear_error(tmp_path):
+    """DeepSpeed cannot load a checkpoint written by another number of ranks: the newest checkpoint of the
+    config decides, the message says what to do, and markers written before the layout was recorded pass."""
+    import pytest
+
+    from remix_ds.errors import ConfigError
+    from remix_ds.stage import latest_checkpoint
+
+    def marker(tag, **info):
+        (tmp_path / tag).mkdir()
+        (tmp_path / tag / "COMPLETE.json").write_text(json.dumps(info))
+
+    marker("step4", step=4, hash="h", world_size=1, precision="bf16")
+    marker("step8", step=8, hash="h", world_size=4, precision="bf16")
+    marker("step12", step=12, hash="other", world_size=2, precision="bf16")   # another config: ignored
+    assert latest_checkpoint(tmp_path, "h", {"world_size": 4, "precision": "bf16"}) == "step8"
+    with pytest.raises(ConfigError, match=r"step8: this checkpoint was written with world_size 4, this run has 2.*"
+                                          r"resume: never"):
+        latest_checkpoint(tmp_path, "h", {"world_size": 2, "precision": "bf16"})
+    with pytest.raises(ConfigError, match="precision 'bf16'"):
+        latest_checkpoint(tmp_path, "h", {"world_size": 4, "precision": "fp32"})
+    marker("step16", step=16, hash="h")                                       # an older marker: no layout
+    assert latest_checkpoint(tmp_path, "h", {"world_size": 2, "precision": "fp32"}) == "step16"
