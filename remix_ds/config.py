@@ -287,10 +287,23 @@ def apply_override(raw: Dict[str, Any], path: List[str], value: Any) -> None:
         node[last] = value
 
 
+def _has_path(node: Any, path: List[str]) -> bool:
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _list_index(node: list, part: str, path: List[str]) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"override {'.'.join(path)}: {part!r} is not an index of a list of {len(node)}")
-    return int(part)
+    """A list position: an index, or (for the variants list) a variant's name."""
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    names = [x.get("name") for x in node if isinstance(x, dict)]
+    if part in names:
+        return names.index(part)
+    raise ConfigError(f"override {'.'.join(path)}: {part!r} is neither an index of a list of {len(node)} nor the "
+                      f"name of one of its entries" + (f" ({', '.join(map(str, names))})" if any(names) else ""))
 
 
 def deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
@@ -323,8 +336,18 @@ def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys")
+    stage_overrides = []
     for ov in overrides or []:
-        apply_override(raw, *parse_override(ov))
+        keys, value = parse_override(ov)
+        apply_override(raw, keys, value)
+        if STAGE_KEY.match(keys[0]) and len(keys) > 1:
+            stage_overrides.append((keys, value))
+    # a command-line stageN.key=value also wins over a variant that sets the same key itself (a sweep's
+    # values still win: they are what the sweep varies)
+    for v in raw.get("variants") or []:
+        for keys, value in stage_overrides:
+            if isinstance(v, dict) and _has_path(v, keys):
+                apply_override(v, keys, value)
     recipe = recipe_from_dict(raw, where=path)
     recipe.source_file = path
     return recipe

@@ -169,3 +169,17 @@ def test_batch_plan_messages_name_what_was_chosen():
         batch_plan(3, 32, None)
     with pytest.raises(ConfigError, match="not a multiple of micro_batch_size 5 x world size 2"):
         batch_plan(2, 32, 5)
+
+
+def test_command_line_stage_override_wins_over_a_variants_own_value():
+    """The demo's lora variants set their own stage-1 lr; stage1.lr=... on the command line still applies to
+    them (it used to be silently ignored there). Variants are addressed by index or by name."""
+    r = load_recipe(DEMO_RECIPE, ["stage1.lr=1e-4"])
+    assert {v.name: v.stages[0].lr for v in r.variants} == {n: 1e-4 for n in ("full", "full-mix", "lora", "lora-mix")}
+    base = load_recipe(DEMO_RECIPE)
+    assert {v.stages[0].lr for v in base.variants} != {1e-4}          # the override did change something
+    r = load_recipe(DEMO_RECIPE, ["variants.lora.stage2.epochs=9"])
+    assert [v.stages[1].epochs == 9 for v in r.variants] == [v.name == "lora" for v in r.variants]
+    with pytest.raises(ConfigError, match="'qlora' is neither an index .* nor the name of one of its entries "
+                                          r"\(full, full-mix, lora, lora-mix\)"):
+        load_recipe(DEMO_RECIPE, ["variants.qlora.stage2.epochs=9"])
