@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -33,18 +33,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ models
-
-def find_model_dir(output_dir: str, variant: str, k: int, adapter: bool = False) -> Optional[str]:
-    """Stage k's model directory: with ``adapter`` the adapter where there is one, else the full model or
-    the merged one (LoRA), else the adapter; None when the stage has none."""
-    d = os.path.join(output_dir, variant, f"stage{k}")
-    order = ("adapter", "model", "merged") if adapter else ("model", "merged", "adapter")
-    for name in order:
-        p = os.path.join(d, name)
-        if os.path.isfile(os.path.join(p, "config.json")) or os.path.isfile(os.path.join(p, "adapter_config.json")):
-            return p
-    return None
-
 
 def final_norm_and_head(model):
     """(final norm, LM head) of a causal LM, a PEFT model included."""
@@ -129,16 +117,20 @@ def summarize(lens: Dict[str, Any]) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------ a whole run
 
-def stage_base(recipe, variant: str, k: int) -> str:
-    """The model stage k started from (an adapter of stage k sits on it)."""
-    from .tiny import resolve_model_path
-    if k == 1:
-        return resolve_model_path(recipe.model, recipe.tiny)
-    prev = find_model_dir(recipe.output_dir, variant, k - 1, adapter=False)
-    if prev is None or prev.endswith("adapter"):
-        from .errors import ConfigError
-        raise ConfigError(f"{variant}/stage{k}: no full or merged model of stage{k - 1} to put the adapter on")
-    return prev
+def stage_models(recipe, variant, k: int, adapter: bool = False) -> Optional[Tuple[str, List[str]]]:
+    """The model of a complete stage k as (base directory, active adapters), or None if the stage has no
+    complete output for the recipe's current config. Default: what evaluation scores (the full or merged
+    model; with ``merge: false``, the base with the whole adapter stack). ``adapter``: a LoRA stage's own
+    adapter unmerged, on the model it was trained on (with earlier unmerged adapters below it)."""
+    from .stage import is_complete, stage_dir, stage_input, stage_output
+
+    if not is_complete(recipe, variant, k):
+        return None
+    own = stage_dir(recipe, variant, k) / "adapter"
+    if adapter and variant.stages[k - 1].finetune != "full" and own.is_dir():
+        base, frozen = stage_input(recipe, variant, k)
+        return base, frozen + [str(own)]
+    return stage_output(recipe, variant, k)
 
 
 def analyze(recipe, variants: Optional[List[str]] = None, stages: Optional[List[int]] = None, *,
@@ -169,20 +161,20 @@ def analyze(recipe, variants: Optional[List[str]] = None, stages: Optional[List[
             cache[key] = exs[:max_examples] if max_examples else exs
         entry = {"dataset": key, "stages": {}}
         for k in stages:
-            path = find_model_dir(recipe.output_dir, v.name, k, adapter=adapter)
-            if path is None:
+            found = stage_models(recipe, v, k, adapter=adapter)
+            if found is None:
                 result["missing"].append(f"{v.name}/stage{k}")
                 if dist.is_main():
-                    log.warning("%s/stage%d: no model in %s; skipped", v.name, k,
+                    log.warning("%s/stage%d: no complete output of this config in %s; skipped", v.name, k,
                                 os.path.join(recipe.output_dir, v.name, f"stage{k}"))
                 continue
-            is_adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
-            base = stage_base(recipe, v.name, k) if is_adapter else None
-            model = load_for_eval(path, dtype, dist.device(), base=base)
-            tok = load_tokenizer(path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base)
+            base, adapters = found
+            model = load_for_eval(base, dtype, dist.device(), adapters=adapters)
+            tok = load_tokenizer(base)
             lens = logit_lens(model, tok, cache[key], batch_size, dist.device())
             lens.update(summarize(lens))
-            lens.update({"model": path, "base": base})
+            lens.update({"model": adapters[-1] if adapters else base, "base": base if adapters else None,
+                         "adapters": adapters})
             entry["stages"][str(k)] = lens
             del model
             if torch.cuda.is_available():

@@ -132,6 +132,25 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
+def stored_results(recipe: Recipe, variant: Variant) -> Optional[List[Dict[str, Any]]]:
+    """Every stage's summary and evaluation of a variant as its complete, current outputs hold them (no
+    training, no scoring), or None if any stage or evaluation is missing or stale."""
+    scorer = check_scorer(getattr(recipe.eval, "scorer", "generate"))
+    results = []
+    for k in range(1, recipe.num_stages + 1):
+        if not is_complete(recipe, variant, k):
+            return None
+        h = stage_hash(fingerprint(recipe, variant, k))
+        ev = {}
+        for key in eval_keys(recipe, variant, k):
+            prev = _read_json(stage_dir(recipe, variant, k) / "eval" / f"{key}.json")
+            if not _eval_is_current(prev, h, recipe, scorer):
+                return None
+            ev[key] = prev
+        results.append({"summary": read_done(stage_dir(recipe, variant, k))["summary"], "eval": ev})
+    return results
+
+
 def run_stage(recipe: Recipe, variant: Variant, k: int, evaluate: bool = True) -> Dict[str, Any]:
     """Train stage k of a variant unless its complete output exists, then evaluate it."""
     if k > 1 and not dist.broadcast_object(is_complete(recipe, variant, k - 1)):
@@ -210,11 +229,20 @@ def run_pipeline(recipe: Recipe, variant_names: Optional[List[str]] = None, stag
     variants = [recipe.variant(n) for n in variant_names] if variant_names else recipe.variants
     check_recipe(recipe, variants)
     stages = stages or list(range(1, recipe.num_stages + 1))
-    rows = []
+    rows = {}
     for v in variants:
         results = [run_stage(recipe, v, k) for k in stages]
         if stages == list(range(1, recipe.num_stages + 1)):
-            rows.append(variant_row(recipe, v, results))
+            rows[v.name] = variant_row(recipe, v, results)
+    if rows and variant_names:
+        # a run of some variants keeps the others' finished results in the report (in recipe order)
+        for v in recipe.variants:
+            if v.name not in rows:
+                stored = stored_results(recipe, v) if dist.is_main() else None
+                if stored is not None:
+                    rows[v.name] = variant_row(recipe, v, stored)
+        rows = {v.name: rows[v.name] for v in recipe.variants if v.name in rows}
+    rows = list(rows.values())
     report = {"recipe": recipe.name, "output_dir": recipe.output_dir, "world_size": dist.world_size(),
               "precision": resolve_precision(recipe.precision), "ds_config": recipe.ds_config,
               "num_stages": recipe.num_stages, "variants": rows}

@@ -44,14 +44,28 @@ def run_dir(tiny_dir, tmp_path_factory):
         "datasets": {"A": {"source": "kvr", "num_examples": 24}, "B": {"source": "kvrB", "num_examples": 8}},
         "stage1": {"data": "A"}, "stage2": {"data": "B"},
         "variants": [{"name": "full"}, {"name": "lora", "stage1": {"finetune": "lora"}, "stage2": {"finetune": "lora"}},
-                     {"name": "absent"}]})
+                     {"name": "absent"},
+                     {"name": "stacked", "stage1": {"finetune": "lora", "merge": False},
+                      "stage2": {"finetune": "lora", "merge": False}}]})
+    # stacked (merge: false): lora's two adapters kept unmerged, both active on the tiny base
+    for k in (1, 2):
+        (out / "stacked" / f"stage{k}").mkdir(parents=True)
+        os.symlink(out / "lora" / f"stage{k}" / "adapter", out / "stacked" / f"stage{k}" / "adapter")
+    from remix_ds.config import stage_hash
+    from remix_ds.stage import fingerprint, stage_dir
+
+    for v in recipe.variants:   # complete outputs of the recipe's config (absent has none)
+        for k in (1, 2):
+            if v.name != "absent":
+                done = {"hash": stage_hash(fingerprint(recipe, v, k)), "summary": {}}
+                (stage_dir(recipe, v, k) / "DONE.json").write_text(json.dumps(done))
     return recipe
 
 
 def test_logit_lens_per_layer_for_every_variant(run_dir):
     from remix_ds.analysis import analyze
 
-    res = analyze(run_dir, batch_size=7, plot=True)
+    res = analyze(run_dir, ["full", "lora", "absent"], batch_size=7, plot=True)
     out = os.path.join(run_dir.output_dir, "analysis")
     with open(os.path.join(out, "logit_lens.png"), "rb") as f:
         assert f.read(8) == PNG
@@ -119,3 +133,24 @@ def test_analyze_script_help():
     r = run_cli([sys.executable, str(REPO / "launch" / "analyze.py"), "--help"], timeout=120)
     assert r.returncode == 0, r.stderr
     assert "--adapter" in r.stdout and "--stage" in r.stdout
+
+
+def test_stacked_adapters_are_analysed_as_evaluated(run_dir, tmp_path):
+    """merge: false: stage k's model is the base with every adapter up to k active, as evaluation loads it
+    (here lora's adapters unmerged: the same model as lora's merged stage 2); a stage whose output does not
+    match the recipe's config (no DONE.json of it) is skipped, not analysed."""
+    from remix_ds.analysis import analyze
+
+    res = analyze(run_dir, ["stacked", "lora"], [2], batch_size=8, plot=False, out_dir=str(tmp_path / "a"))
+    st, lo = res["variants"]["stacked"]["stages"]["2"], res["variants"]["lora"]["stages"]["2"]
+    assert [os.path.relpath(a, run_dir.output_dir) for a in st["adapters"]] == \
+        [os.path.join("stacked", "stage1", "adapter"), os.path.join("stacked", "stage2", "adapter")]
+    assert os.path.isfile(os.path.join(st["base"], "remix_tiny.json"))
+    assert st["top1_share"] == lo["top1_share"] and st["mean_rank"] == pytest.approx(lo["mean_rank"], rel=1e-4)
+    done = os.path.join(run_dir.output_dir, "stacked", "stage2", "DONE.json")
+    os.rename(done, done + ".bak")
+    try:
+        res = analyze(run_dir, ["stacked"], [2], batch_size=8, plot=False, out_dir=str(tmp_path / "b"))
+        assert res["missing"] == ["stacked/stage2"]
+    finally:
+        os.rename(done + ".bak", done)

@@ -110,6 +110,11 @@ def test_rerun_skips_complete_stages(run):
     s2 = json.load(open(out / "full" / "stage2" / "DONE.json"))
     assert s2["summary"]["epochs"] == 1                          # stage 2's config changed: retrained
     assert not leftover.exists()                                 # the retrained stage cleared it
+    # the report of a --variant run keeps the other variants' finished results, in the recipe's order
+    report = json.load(open(out / "report.json"))
+    assert [v["name"] for v in report["variants"]] == ["full", "lora"]
+    assert report["variants"][0]["epochs_stage2"] == 1
+    assert report["variants"][1]["acc_A_after_stage1"] is not None
     # the TensorBoard scalars are the train_log's rows: 40 / 10 = 4 steps, the loss logged at the epoch end
     log_rows = [json.loads(l) for l in open(out / "full" / "stage2" / "train_log.jsonl")]
     tb = read_tensorboard(out / "full" / "stage2" / "tensorboard")
