@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
 from .metrics import is_task_source
 from .model import load_for_eval, load_tokenizer
-from .stage import batch_plan, fingerprint, is_complete, stage_output, read_done, stage_dir, train_stage
+from .stage import batch_plan, config_change, fingerprint, is_complete, stage_output, read_done, stage_dir, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,13 @@ def stored_results(recipe: Recipe, variant: Variant) -> Optional[List[Dict[str, 
 def run_stage(recipe: Recipe, variant: Variant, k: int, evaluate: bool = True) -> Dict[str, Any]:
     """Train stage k of a variant unless its complete output exists, then evaluate it."""
     if k > 1 and not dist.broadcast_object(is_complete(recipe, variant, k - 1)):
-        raise ConfigError(f"variant {variant.name}: stage{k - 1} has no complete output in "
-                          f"{stage_dir(recipe, variant, k - 1)}; run stage{k - 1} first")
+        prev = stage_dir(recipe, variant, k - 1)
+        if read_done(prev):
+            raise ConfigError(f"variant {variant.name}: the output in {prev} was trained with another config "
+                              f"({config_change(recipe, variant, k - 1) or 'no record of it'}); give stage{k} "
+                              f"the same recipe and overrides as stage{k - 1}, or rerun stage{k - 1}")
+        raise ConfigError(f"variant {variant.name}: stage{k - 1} has no complete output in {prev}; "
+                          f"run stage{k - 1} first")
     if dist.broadcast_object(is_complete(recipe, variant, k)):
         if dist.is_main():
             log.info("%s/stage%d: complete output found, not retraining", variant.name, k)

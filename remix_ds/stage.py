@@ -102,6 +102,26 @@ def read_done(d: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
+def config_change(recipe: Recipe, variant: Variant, k: int) -> Optional[str]:
+    """How stage k's current config differs from the one its directory was last started with (from its
+    config.json), in words; None when there is no record of an earlier start."""
+    import dataclasses
+
+    try:
+        with open(stage_dir(recipe, variant, k) / "config.json") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return None
+    new = json.loads(json.dumps(dataclasses.asdict(variant.stages[k - 1]), default=str))
+    keys = sorted(key for key in set(new) | set(old.get("spec", {}))
+                  if key not in OPERATIONAL_KEYS and old.get("spec", {}).get(key) != new.get(key))
+    if keys:
+        return "changed stage keys: " + ", ".join(f"{key} {old.get('spec', {}).get(key)!r} -> {new.get(key)!r}"
+                                                 for key in keys)
+    return "the stage keys are the same: a dataset, the seed, precision, max_seq_length, the ds_config, the " \
+           "model or an earlier stage changed"
+
+
 def is_complete(recipe: Recipe, variant: Variant, k: int) -> bool:
     done = read_done(stage_dir(recipe, variant, k))
     return bool(done) and done.get("hash") == stage_hash(fingerprint(recipe, variant, k)) \
@@ -305,6 +325,13 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         raise found
     resume_tag = found
     if dist.is_main():
+        if resume_tag is None and spec.resume == "auto" and ckpt_root.is_dir() and any(ckpt_root.iterdir()):
+            log.warning("%s/stage%d: the checkpoints in %s are of another config (%s); deleting them and "
+                        "starting the stage afresh", variant.name, k, ckpt_root,
+                        config_change(recipe, variant, k) or "no record of it")
+        elif (out / "DONE.json").exists():
+            log.info("%s/stage%d: retraining (%s)", variant.name, k,
+                     config_change(recipe, variant, k) or "no record of the earlier config")
         out.mkdir(parents=True, exist_ok=True)
         stale = ["DONE.json", "model", "adapter", "merged", "eval"]
         if resume_tag is None:

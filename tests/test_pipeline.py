@@ -103,10 +103,12 @@ def test_rerun_skips_complete_stages(run):
     (leftover / "model.safetensors").write_bytes(b"partial")
     # stage 1's logging keys change (not what it trains); stage 2 trains one epoch, with TensorBoard events
     res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe), "--variant", "full",
-                   "stage1.log_every=3", "stage1.save_every=5", "stage2.epochs=1", "stage2.tensorboard=true"])
+                   "stage1.log_every=3", "stage1.save_every=5", "variants.full.stage2.epochs=1",
+                   "stage2.tensorboard=true"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert os.path.getmtime(done) == before                      # stage 1 unchanged: not retrained
     assert "full/stage1: complete output found" in res.stderr
+    assert "full/stage2: retraining (changed stage keys: epochs 2 -> 1)" in res.stderr
     s2 = json.load(open(out / "full" / "stage2" / "DONE.json"))
     assert s2["summary"]["epochs"] == 1                          # stage 2's config changed: retrained
     assert not leftover.exists()                                 # the retrained stage cleared it
@@ -126,3 +128,16 @@ def test_rerun_skips_complete_stages(run):
     for key, acc in epoch_row["teacher_forced_accuracy"].items():  # A (forgetting) and B, after the epoch
         assert tb[f"teacher_forced_accuracy/{key}"] == [(4, pytest.approx(acc))]
     assert set(epoch_row["teacher_forced_accuracy"]) == {"A", "B"}
+
+
+def test_stage2_names_what_differs_from_stage1s_config(run):
+    """stage2.py with other overrides than stage 1 ran with: the message says what changed, nothing trains."""
+    out, recipe, _ = run
+    done = out / "lora" / "stage2" / "DONE.json"
+    before = os.path.getmtime(done)
+    res = run_cli([sys.executable, "launch/stage2.py", "--config", str(recipe), "--variant", "lora",
+                   "variants.lora.stage1.epochs=2"])
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "was trained with another config (changed stage keys: epochs 3 -> 2)" in res.stderr
+    assert "same recipe and overrides as stage1" in res.stderr
+    assert os.path.getmtime(done) == before
