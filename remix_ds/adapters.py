@@ -10,6 +10,7 @@ never into 4-bit weights.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import resource
@@ -25,6 +26,7 @@ from .errors import ConfigError
 
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
+log = logging.getLogger(__name__)
 NF4_MODULES = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -41,7 +43,10 @@ def local_model_dir(path: str) -> str:
 
 
 def _adapter_tensors(adapter_dir: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]]:
-    cfg = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
+    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    cfg = json.load(open(cfg_path))
     if cfg.get("use_dora"):
         raise ConfigError(f"{adapter_dir}: DoRA adapters are not supported by the streaming merge")
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
@@ -96,7 +101,13 @@ def streaming_merge(base_dir: str, adapter_dir, out_dir: str, dtype: Optional[to
     dtype) and put through the same NF4 round trip before the adapter goes in."""
     if not os.path.isdir(base_dir):
         raise ConfigError(f"base {base_dir!r}: not a local model directory")
+    if os.path.isfile(os.path.join(base_dir, "adapter_config.json")):
+        raise ConfigError(f"base {base_dir!r} is an adapter directory: give the base model first, then the adapter")
     adapter_dirs = [adapter_dir] if isinstance(adapter_dir, (str, os.PathLike)) else list(adapter_dir)
+    recorded = _adapter_tensors(str(adapter_dirs[0]))[0].get("base_model_name_or_path")
+    if recorded and os.path.isdir(recorded) and os.path.realpath(recorded) != os.path.realpath(base_dir):
+        log.warning("%s was trained on %s, not on %s: merging into another base than its own", adapter_dirs[0],
+                    recorded, base_dir)
     pairs: Dict[str, list] = {}
     for ad in adapter_dirs:
         for key, pair in _adapter_tensors(str(ad))[1].items():
@@ -167,12 +178,17 @@ def merge_main(argv=None) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="output dtype (default: base's)")
     p.add_argument("--nf4", action="store_true", help="the adapter is a QLoRA adapter: merge into the NF4-"
                                                       "dequantised base weights it was trained against")
+    p.add_argument("--nf4-dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="with --nf4: the dtype the base was loaded in for QLoRA training (the recipe's precision; "
+                        "bitsandbytes quantised that cast; default: the base file's dtype)")
     args = p.parse_args(argv)
 
     def run():
         setup_logging()
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype or "")
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        dtype = dtypes.get(args.dtype or "")
         t0 = time.time()
-        stats = streaming_merge(args.base, args.adapter, args.out, dtype=dtype, nf4=args.nf4)
+        stats = streaming_merge(args.base, args.adapter, args.out, dtype=dtype, nf4=args.nf4,
+                                nf4_dtype=dtypes.get(args.nf4_dtype or ""))
         print(json.dumps({**stats, "seconds": round(time.time() - t0, 2), "out": args.out}))
     main_guard(run)

@@ -186,3 +186,13 @@ def test_impossible_combinations_are_refused_before_training(tmp_path, override,
     res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe), override])
     assert res.returncode == 2 and needle in res.stderr, res.stderr[-2000:]
     assert not list((tmp_path / "run").rglob("DONE.json"))
+
+
+def test_merge_cli_refuses_what_is_not_a_base_and_an_adapter(tiny_dir, tmp_path):
+    adapter = make_adapter(tiny_dir, tmp_path / "a", seed=6)
+    swapped = run_cli([sys.executable, "launch/merge.py", adapter, tiny_dir, str(tmp_path / "m")], timeout=300)
+    assert swapped.returncode == 2 and "is an adapter directory: give the base model first" in swapped.stderr
+    missing = run_cli([sys.executable, "launch/merge.py", tiny_dir, str(tmp_path / "nothere"), str(tmp_path / "m")],
+                      timeout=300)
+    assert missing.returncode == 2 and "not a PEFT adapter directory (no adapter_config.json)" in missing.stderr
+    assert not (tmp_path / "m").exists()
