@@ -294,7 +294,7 @@ def analyze_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's eval.batch_size")
     p.add_argument("--max-examples", type=int, default=None, help="probe only the first N examples")
     p.add_argument("--out", default=None, help="output directory (default: <output_dir>/analysis)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     def run():
         setup_logging()

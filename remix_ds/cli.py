@@ -68,7 +68,7 @@ def split_variants(values: Optional[List[str]]) -> Optional[List[str]]:
 
 def pipeline_main(argv: Optional[List[str]] = None) -> None:
     args = recipe_parser("Run every stage of every variant of a recipe, evaluate, and write the "
-                         "forgetting report. With no --config, runs the bundled demo.").parse_args(argv)
+                         "forgetting report. With no --config, runs the bundled demo.").parse_intermixed_args(argv)
 
     def run():
         setup_logging()
@@ -87,7 +87,7 @@ def pipeline_main(argv: Optional[List[str]] = None) -> None:
 
 
 def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
-    args = recipe_parser(f"Train (and evaluate) stage {k} of each variant of a recipe.").parse_args(argv)
+    args = recipe_parser(f"Train (and evaluate) stage {k} of each variant of a recipe.").parse_intermixed_args(argv)
 
     def run():
         setup_logging()
@@ -105,18 +105,20 @@ def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
         for v in variants:
             res = run_stage(recipe, v, k)
             if dist.is_main():
-                accs = ", ".join(f"{key}: {m['exact_match']:.3f}" for key, m in res["eval"].items())
-                print(f"{v.name}/stage{k}: {res['summary']['epochs']} epochs, exact match {accs}")
+                accs = ", ".join(f"{key}: {m.get('accuracy', m.get('exact_match')):.3f}"
+                                 f" ({m.get('accuracy_metric', 'exact_match')})" for key, m in res["eval"].items())
+                print(f"{v.name}/stage{k}: {res['summary']['epochs']} epochs, accuracy {accs}")
     main_guard(run)
 
 
 def eval_main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description="Accuracy of a model (full directory, or an adapter directory on its "
                                             "base) on a factoid set: greedy generation (default) or teacher-forced.")
-    p.add_argument("--model", required=True, help="model directory, or a PEFT adapter directory")
+    p.add_argument("--model", required=True, help="model directory, a PEFT adapter directory, or a stage directory "
+                                                  "(<output_dir>/<variant>/stage<k>: the model its evaluation scores)")
     p.add_argument("--base", default=None, help="base model for an adapter (default: the adapter's own record)")
     p.add_argument("--data", default=None, help=".json/.jsonl records with prompt (or question) and answer")
-    p.add_argument("--config", default=None, help="a recipe, to score one of its datasets (with --dataset)")
+    p.add_argument("--config", "-c", default=None, help="a recipe, to score one of its datasets (with --dataset)")
     p.add_argument("--dataset", default=None, help="dataset name in the recipe (e.g. A)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -127,7 +129,7 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--out", default=None, help="directory for predictions.jsonl and metrics (rank 0)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides (with --config)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     def run():
         setup_logging()
@@ -153,16 +155,42 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
             examples, name = dataset_examples(recipe, args.dataset), args.dataset
         else:
             raise ConfigError("give --data FILE, or --config RECIPE with --dataset NAME")
-        if not os.path.isdir(args.model):
+        from .pipeline import check_model_dir
+        path, adapters = stage_dir_model(args.model) or (args.model, [])
+        if not os.path.isdir(path):
             raise ConfigError(f"--model {args.model!r}: directory not found")
+        check_model_dir(path, "--model", adapter_ok=True)
         dist.init()
-        model = load_for_eval(args.model, torch_dtype(resolve_precision(args.precision)), dist.device(), base=args.base)
-        tok = load_tokenizer(args.model)
+        model = load_for_eval(path, torch_dtype(resolve_precision(args.precision)), dist.device(), base=args.base,
+                              adapters=adapters)
+        tok = load_tokenizer(path)
         metrics = evaluate(model, tok, examples, scorer=args.scorer, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, device=dist.device(), out_dir=args.out, name=name)
         if dist.is_main():
             print(json.dumps(metrics, indent=2))
     main_guard(run)
+
+
+def stage_dir_model(path: str):
+    """For a remix_ds stage directory: the model its evaluation scores, as (directory, adapters on it) — the
+    full or merged model, or with merge: false the base and the whole adapter stack. None for anything else."""
+    import json
+
+    from .errors import ConfigError
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not ("variant" in cfg and "stage" in cfg and "base_model" in cfg):
+        return None
+    if not os.path.isfile(os.path.join(path, "DONE.json")):
+        raise ConfigError(f"--model {path!r}: the stage has no complete output (no DONE.json)")
+    for name in ("model", "merged"):
+        if os.path.isdir(os.path.join(path, name)):
+            return os.path.join(path, name), []
+    return cfg["base_model"], list(cfg.get("frozen_adapters") or []) + [os.path.join(path, "adapter")]
 
 
 def build_tiny_main(argv: Optional[List[str]] = None) -> None:

@@ -411,6 +411,11 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
     recipe = build_dataclass(Recipe, {**kwargs, "datasets": {}, "variants": []}, where)
     recipe.datasets = datasets
     recipe.variants = variants
+    # an absolute output_dir (relative ones are taken from the current directory, once): every path a run
+    # records (stage configs, adapters' base_model_name_or_path) then works from any directory
+    recipe.output_dir = os.path.abspath(os.path.expanduser(str(recipe.output_dir)))
+    if str(recipe.model).startswith("~"):
+        recipe.model = os.path.expanduser(recipe.model)
     recipe.raw = raw
     validate(recipe, where)
     return recipe

@@ -38,9 +38,40 @@ def check_recipe(recipe: Recipe, variants: List[Variant]) -> None:
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
             check_combination(spec, ds_cfg, v.stages[k] if k < len(v.stages) else None, where)
-    looks_local = recipe.model.startswith(("/", "./", "../", "~"))
-    if looks_local and not os.path.isdir(os.path.expanduser(recipe.model)):
-        raise ConfigError(f"model {recipe.model!r}: directory not found")
+    check_model_dir(recipe.model, "model")
+
+
+def check_model_dir(model: str, what: str, adapter_ok: bool = False) -> None:
+    """Refuse, with what to do instead, a model path that is not a model: a missing directory, a remix_ds stage
+    directory, a PEFT adapter (unless ``adapter_ok``) or a directory without a model config. A name that is not
+    a local path (one '/' at most, not starting with / . ~) is taken for a hub id."""
+    import json
+
+    if model == "tiny":
+        return
+    path = os.path.expanduser(model)
+    if not os.path.isdir(path):
+        if path.startswith(("/", "./", "../")) or path.count("/") >= 2 or os.path.exists(path):
+            raise ConfigError(f"{what} {model!r}: directory not found")
+        return
+    cfg_path = os.path.join(path, "config.json")
+    cfg = {}
+    if os.path.isfile(cfg_path):
+        try:
+            cfg = json.load(open(cfg_path))
+        except ValueError:
+            raise ConfigError(f"{what} {model!r}: config.json is not valid JSON") from None
+    if "model_type" in cfg:
+        return
+    if "variant" in cfg and "stage" in cfg:
+        raise ConfigError(f"{what} {model!r} is a remix_ds stage directory: give the model in it "
+                          f"({os.path.join(model, 'model')} or {os.path.join(model, 'merged')})")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        if adapter_ok:
+            return
+        raise ConfigError(f"{what} {model!r} is a PEFT adapter, not a model: give the stage's merged/ model, or "
+                          f"merge the adapter into its base with launch/merge.py")
+    raise ConfigError(f"{what} {model!r}: not a Hugging Face model directory (no config.json with a model_type)")
 
 
 def check_combination(spec, ds_cfg: Dict[str, Any], next_spec, where: str) -> None:

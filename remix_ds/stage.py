@@ -76,13 +76,29 @@ def output_model(recipe: Recipe, variant: Variant, k: int) -> str:
 OPERATIONAL_KEYS = ("log_every", "save_every", "keep_checkpoints", "resume", "tensorboard")
 
 
+def examples_digest(examples) -> str:
+    """A hash of the examples a stage trains on (its dataset and mixing, in order): a regenerated data file, a
+    filter_unknown rerun into the same path, another hub revision or word list changes it, and so the stage."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.prompt, ex.answer, list(ex.aliases), ex.role, ex.source, ex.factoid,
+                             ex.messages], ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
 def fingerprint(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
-    """Everything that determines stage k's output (including all earlier stages)."""
+    """Everything that determines stage k's output (including all earlier stages): the stage's keys but the
+    operational ones, what it trains on (the examples themselves, not only the data spec), the recipe-wide
+    settings and the previous stage's fingerprint."""
     import dataclasses
 
     spec = variant.stages[k - 1]
     stage = {key: v for key, v in dataclasses.asdict(spec).items() if key not in OPERATIONAL_KEYS}
-    fp = {"stage": stage, "data": dataclasses.asdict(recipe.datasets[spec.data]),
+    fp = {"stage": stage, "examples": examples_digest(stage_train_set(recipe, spec, k)[1]),
+          "data": dataclasses.asdict(recipe.datasets[spec.data]),
           "seed": recipe.seed, "precision": recipe.precision, "max_seq_length": recipe.max_seq_length,
           "ds_config": load_ds_config(spec.ds_config or recipe.ds_config)}
     if k == 1:

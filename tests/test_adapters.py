@@ -196,3 +196,17 @@ def test_merge_cli_refuses_what_is_not_a_base_and_an_adapter(tiny_dir, tmp_path)
                       timeout=300)
     assert missing.returncode == 2 and "not a PEFT adapter directory (no adapter_config.json)" in missing.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_eval_cli_scores_a_stage_directory_as_the_pipeline_did(combo, tmp_path):
+    """launch/eval.py --model <stage dir>: a merge: false stage is its base with the whole adapter stack (the
+    model the pipeline scored), so the accuracy equals the pipeline's stored one."""
+    stored = json.load(open(combo / "stacked" / "stage2" / "eval" / "A.json"))
+    res = run_cli([sys.executable, "launch/eval.py", "--model", str(combo / "stacked" / "stage2"), "-c",
+                   str(combo.parent / "r.yaml"), "--dataset", "A", "--batch-size", "16", "--out", str(tmp_path)],
+                  timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads(res.stdout[res.stdout.index("{"):])
+    assert metrics["n"] == stored["n"] and metrics["accuracy"] == stored["accuracy"]
+    preds = [json.loads(l)["prediction"] for l in open(tmp_path / "A.predictions.jsonl")]
+    assert preds == [json.loads(l)["prediction"] for l in open(combo / "stacked" / "stage2" / "eval" / "A.predictions.jsonl")]

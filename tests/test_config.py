@@ -183,3 +183,52 @@ def test_command_line_stage_override_wins_over_a_variants_own_value():
     with pytest.raises(ConfigError, match="'qlora' is neither an index .* nor the name of one of its entries "
                                           r"\(full, full-mix, lora, lora-mix\)"):
         load_recipe(DEMO_RECIPE, ["variants.qlora.stage2.epochs=9"])
+
+
+def test_model_paths_that_are_not_models_are_refused_with_what_to_do(tmp_path):
+    import json as _json
+
+    from remix_ds.pipeline import check_model_dir
+
+    stage = tmp_path / "runs" / "x" / "full" / "stage1"
+    stage.mkdir(parents=True)
+    (stage / "config.json").write_text(_json.dumps({"variant": "full", "stage": 1, "base_model": "tiny"}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(_json.dumps({"model_type": "llama"}))
+    check_model_dir(str(model), "model")                                  # a model: fine
+    check_model_dir("meta-llama/Meta-Llama-3-8B", "model")                # a hub id: left to the hub
+    check_model_dir(str(adapter), "--model", adapter_ok=True)            # eval takes adapters
+    for path, needle in [(stage, "is a remix_ds stage directory: give the model in it"),
+                         (adapter, "is a PEFT adapter, not a model"),
+                         (tmp_path, "not a Hugging Face model directory"),
+                         ("runs/nothere/model", "directory not found"),
+                         (str(tmp_path / "missing"), "directory not found")]:
+        with pytest.raises(ConfigError, match=needle):
+            check_model_dir(str(path), "model")
+
+
+def test_fingerprint_follows_the_data_not_only_its_path(tmp_path):
+    """Rewriting a data file at the same path (e.g. filter_unknown rerun into the same --out) changes the
+    stage's fingerprint and every later stage's: the pipeline retrains instead of reporting stale results."""
+    import json as _json
+
+    from remix_ds.config import stage_hash
+    from remix_ds.stage import fingerprint
+
+    f = tmp_path / "facts.jsonl"
+
+    def hashes(answer):
+        f.write_text("".join(_json.dumps({"prompt": f"q{i}", "answer": answer if i == 3 else f"a{i}"}) + "\n"
+                             for i in range(10)))
+        p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
+        r = load_recipe(str(p), [f"datasets.A={{source: json, path: {f}}}"])
+        return [stage_hash(fingerprint(r, r.variants[0], k)) for k in (1, 2)]
+
+    ref = hashes("a3")
+    assert hashes("a3") == ref                     # the same contents: the same stages
+    changed = hashes("another answer")
+    assert changed[0] != ref[0] and changed[1] != ref[1]
