@@ -382,6 +382,11 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
         raise ConfigError(f"{where}: datasets must be a non-empty mapping name -> {{source: ...}}")
     datasets = {str(k): build_dataclass(DatasetSpec, v or {}, f"{where}: datasets.{k}") for k, v in datasets_raw.items()}
 
+    for s_, block in stage_defaults.items():   # a typo in a defaults block is reported where it was written
+        if not isinstance(block, dict):
+            raise ConfigError(f"{where}: stage{s_} must be a mapping of stage keys")
+        check = {k: v for k, v in block.items() if not (k == "mix" and v in (None, "none", False))}
+        build_dataclass(StageSpec, check, f"{where}: stage{s_}")
     variants = []
     seen = set()
     for i, vraw in enumerate(variants_raw):

@@ -1,19 +1,25 @@
 """filter-unknown: split a factoid set into what a base model already knows and what it does not yet know.
 
 The study trained only on factoids its base model could not already answer (its ``yet_to_learn`` sets)
-but did not release the filter. This is one: every example of the set is put to the model in the
-training format (``<|user|>\\n{prompt}\\n<|assistant|>\\n``) and scored
+but did not release the filter. This is one. Every example of the set is put to the model in the training
+chat format, ``<|user|>\\n{prompt}\\n<|assistant|>\\n`` after BOS, optionally after ``--shots K`` solved
+demonstrations (other questions of the same set, each a ``<|user|>\\n{q}\\n<|assistant|>\\n{a}`` EOS turn,
+exactly as a conversation is encoded for training), and scored
 
-- ``generate`` (default): greedy generation, scored by the study's rule for the source (exact match after
-  strip + lower-case; containment for WebQuestions; see remix_ds/metrics.py) against the gold answer or
-  (``--match alias``, the default) any of its aliases: a fact the model states under any of its names
-  counts as known;
-- ``teacher-forced``: the gold answer is fed in and every answer token (and EOS) must be the argmax. This is
-  what greedy generation of exactly the gold answer means, and faster (no generation); gold answer only.
+- ``generate`` (default): greedy generation; the answer is extracted from it (``extract_answer``: leading
+  whitespace dropped, cut at the first line break and at the first chat-template marker ``<|``, stripped),
+  since a base model seldom stops right after the answer ("Paris\\n<|user|>..." or "Paris. It is the
+  capital"). The fact is known when the extract matches the gold answer by the study's rule for the source
+  (exact match after strip + lower-case; containment for WebQuestions; see remix_ds/metrics.py), or starts
+  with it followed immediately by sentence punctuation (``. , ; : ! ?``: "Paris." and "Paris, France" count,
+  "Paris Hilton" does not); with ``--match alias`` (the default) any alias counts as the gold answer;
+- ``teacher-forced``: the gold answer is fed in and every answer token must be the argmax. The position
+  after the answer is not scored: a base model is not expected to stop (EOS) there. Gold answer only.
 
 Written to ``--out``: ``yet_to_learn.jsonl`` and ``known.jsonl`` (one ``{"prompt", "answer", "aliases",
-"source", "prediction"}`` per line, in the set's order; a recipe reads them back with ``path:``, using the
-prompts verbatim) and ``counts.json`` (the counts, the model and how it was scored).
+"source", "prediction"}`` per line, in the set's order, ``prediction`` the raw generation; a recipe reads them
+back with ``path:``, using the prompts verbatim, without the demonstrations) and ``counts.json`` (the counts,
+the model and how it was scored: scorer, match, shots, extraction rule, generation budget).
 """
 from __future__ import annotations
 
@@ -22,42 +28,241 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import random
+import re
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 SCORERS = ("generate", "teacher-forced")
 MATCHES = ("alias", "exact")
 ALL_ROWS = 10 ** 9
+SENTENCE_PUNCT = ".,;:!?"
+TEMPLATE_MARKER = "<|"
+# how a generation is scored (counts.json "extraction")
+EXTRACTION_RULE = ("extract: leading whitespace dropped, cut at the first line break and at the first '<|', "
+                   "stripped; known: the extract matches a gold answer by the source's rule (metrics.score_example: "
+                   "strip + lower-case exact match, containment for WebQuestions), or starts with one followed "
+                   "immediately by one of . , ; : ! ?")
+TEACHER_FORCED_RULE = ("teacher-forced: every gold answer token is the argmax; the position after the answer (EOS) "
+                       "is not scored")
+
+
+# ------------------------------------------------------------------ answer extraction (generate)
+
+def extract_answer(text: Optional[str]) -> str:
+    """The answer a base model's continuation gives: its first line, cut before any chat-template marker.
+
+    ``"Paris\\n<|user|>\\nWhat is"`` -> ``"Paris"``; ``" Paris<|user|>"`` -> ``"Paris"``;
+    ``"Paris. It is the capital"`` -> ``"Paris. It is the capital"`` (the sentence punctuation rule of
+    ``is_known`` deals with that)."""
+    t = (text or "").lstrip()
+    t = re.split(r"[\r\n]", t, maxsplit=1)[0]
+    return t.split(TEMPLATE_MARKER, 1)[0].strip()
+
+
+def _starts_with_answer(extract: str, gold: str) -> bool:
+    """Normalised ``extract`` is ``gold`` followed immediately by sentence punctuation ("paris." / "paris, france")."""
+    return bool(gold) and extract.startswith(gold) and len(extract) > len(gold) and extract[len(gold)] in SENTENCE_PUNCT
+
+
+def _first_clause(extract: str) -> str:
+    """The extract up to its first sentence punctuation that ends a word ("Padme. She" -> "Padme")."""
+    m = re.search(r"[.,;:!?](?=\s|$)", extract)
+    return extract[:m.start()].strip() if m else extract
+
+
+def is_known(prediction: Optional[str], gold: str, aliases: Sequence[str] = (), source: str = "",
+             match: str = "alias") -> bool:
+    """Whether a generation states the fact: see the module docstring and ``EXTRACTION_RULE``.
+
+    The per-source rules of ``metrics.score_example`` apply to the extract (WebQuestions: the non-empty
+    extract is contained in a gold answer; there the extract's first clause is also tried, so "Padme." and
+    "Padme. She was" count for "Padme Amidala" as "Padme" does)."""
+    from .metrics import CONTAINS, alias_match, normalize, score_example, task_of
+
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
+    extract = extract_answer(prediction)
+    aliases = list(aliases) if match == "alias" else []
+    golds = [gold] + aliases
+    row = score_example(extract, gold, aliases, source, rouge=False)   # the study's rule per source
+    if row["correct"] or row.get("alias_match"):
+        return True
+    norm = normalize(extract)
+    if any(_starts_with_answer(norm, normalize(g)) for g in golds):
+        return True
+    if task_of(source) == CONTAINS:
+        clause = _first_clause(extract)
+        if clause != extract and alias_match(clause, golds, CONTAINS):
+            return True
+    return False
+
+
+# ------------------------------------------------------------------ few-shot demonstrations
+
+def pick_demonstrations(examples, shots: int, seed: int = 0) -> List[List[int]]:
+    """Per example, the indices of ``shots`` other examples of the set shown before it as solved turns.
+
+    Drawn per example from ``random.Random(f"filter-shots-{seed}-{i}")``: deterministic for a set and a
+    seed. A demonstration is never the question itself nor another row with the same question (strip +
+    lower-case), and, where the set allows, never shares a gold answer or alias with the question (a
+    demonstration that shows the answer would make the fact look known)."""
+    from .errors import ConfigError
+    from .metrics import normalize
+
+    n = len(examples)
+    if shots <= 0:
+        return [[] for _ in range(n)]
+    prompts = [normalize(ex.prompt) for ex in examples]
+    answers = [{normalize(a) for a in [ex.answer, *ex.aliases]} for ex in examples]
+    if len(set(prompts)) <= shots:
+        raise ConfigError(f"--shots {shots}: the set has {len(set(prompts))} distinct questions; "
+                          f"each needs {shots} others as demonstrations")
+    def usable(i: int, j: int, chosen: List[int], strict: bool) -> bool:
+        return (j != i and j not in chosen and prompts[j] != prompts[i]
+                and not (strict and answers[j] & answers[i]))
+    out: List[List[int]] = []
+    shared = 0
+    for i in range(n):
+        rng = random.Random(f"filter-shots-{seed}-{i}")
+        chosen: List[int] = []
+        for _ in range(20 * shots):           # rejection sampling: fast on large sets
+            if len(chosen) == shots:
+                break
+            j = rng.randrange(n)
+            if usable(i, j, chosen, True):
+                chosen.append(j)
+        if len(chosen) < shots:               # small or uniform sets: a full scan, in a seeded order
+            order = list(range(n))
+            rng.shuffle(order)
+            for strict in (True, False):
+                for j in order:
+                    if len(chosen) == shots:
+                        break
+                    if usable(i, j, chosen, strict):
+                        chosen.append(j)
+                        shared += not strict
+        out.append(chosen)
+    if shared:
+        log.warning("--shots %d: %d demonstrations share a gold answer with their question (too few others)",
+                    shots, shared)
+    return out
+
+
+def prompt_token_ids(tokenizer, examples, demos: Sequence[Sequence[int]]) -> List[List[int]]:
+    """Per example: BOS, each demonstration as ``<|user|>\\n{q}\\n<|assistant|>\\n{a}`` EOS, then
+    ``<|user|>\\n{question}\\n<|assistant|>\\n``: the token ids ``encode_example`` gives the same conversation
+    up to its last answer (and, without demonstrations, ``prompt_ids``)."""
+    from .data.formatting import answer_ids, render_prompt
+
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    turn: Dict[int, List[int]] = {}
+
+    def user(i: int) -> List[int]:
+        if i not in turn:
+            turn[i] = tokenizer.encode(render_prompt(examples[i].prompt), add_special_tokens=False)
+        return turn[i]
+    solved: Dict[int, List[int]] = {}
+    rows = []
+    for i in range(len(examples)):
+        ids = list(bos)
+        for j in demos[i]:
+            if j not in solved:
+                solved[j] = user(j) + answer_ids(tokenizer, examples[j].answer)
+            ids += solved[j]
+        rows.append(ids + user(i))
+    return rows
+
+
+def teacher_forced_encoded(tokenizer, examples, prompt_rows: Sequence[List[int]]):
+    """Teacher-forced inputs for the filter: the prompt then the gold answer tokens, labelled; no EOS (the
+    position after the answer is not scored: a base model is not expected to stop there)."""
+    from .data.formatting import IGNORE, Encoded
+
+    out = []
+    for i, (ex, p) in enumerate(zip(examples, prompt_rows)):
+        a = tokenizer.encode(ex.answer, add_special_tokens=False)
+        out.append(Encoded(input_ids=list(p) + a, labels=[IGNORE] * len(p) + a, index=i))
+    return out
+
+
+# ------------------------------------------------------------------ scoring
+
+def generate_from_ids(model, tokenizer, rows: Sequence[List[int]], batch_size: int, max_new_tokens: int,
+                      device) -> List[str]:
+    """Greedy continuations of prompts given as token ids (cut after the first EOS), as text. The batching of
+    ``evaluate.generate`` (left padding, longest prompts first); one process."""
+    import torch
+
+    from .data.formatting import collate_prompts, pad_id_of
+    from .evaluate import decode
+
+    pad, eos = pad_id_of(tokenizer), tokenizer.eos_token_id
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out: List[str] = [""] * len(rows)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate_prompts([rows[i] for i in chunk], pad).items()}
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=pad, eos_token_id=eos, use_cache=True)
+            for i, row in zip(chunk, gen[:, batch["input_ids"].shape[1]:].tolist()):
+                if eos in row:
+                    row = row[:row.index(eos) + 1]
+                out[i] = decode(tokenizer, row)
+    return out
 
 
 def score_known(model, tokenizer, examples, *, scorer: str = "generate", match: str = "alias",
-                batch_size: int = 64, max_new_tokens: Optional[int] = None, device=None
+                batch_size: int = 64, max_new_tokens: Optional[int] = None, device=None, shots: int = 0,
+                shots_seed: int = 0, predict_fn: Optional[Callable] = None
                 ) -> Tuple[List[bool], List[Optional[str]]]:
-    """Per example: whether the model already knows it, and its greedy prediction (None if teacher-forced)."""
-    from .data.formatting import encode_example, pad_id_of
-    from .evaluate import generate, model_predict_fn, teacher_forced_scores
-    from .metrics import score_example
+    """Per example: whether the model already knows it, and its greedy prediction (None if teacher-forced).
+
+    ``shots``: solved demonstrations before each question (``pick_demonstrations``). ``predict_fn``: the
+    teacher-forced forward pass (default: ``evaluate.model_predict_fn`` of the model)."""
+    from .data.formatting import pad_id_of
+    from .evaluate import default_max_new_tokens, model_predict_fn, teacher_forced_scores
 
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
     if match not in MATCHES:
         raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
-    device = device or next(model.parameters()).device
+    if shots < 0:
+        raise ValueError(f"shots must be >= 0, got {shots}")
+    rows = prompt_token_ids(tokenizer, examples, pick_demonstrations(examples, shots, shots_seed))
     if scorer == "generate":
-        max_new = max_new_tokens or max(len(tokenizer.encode(g, add_special_tokens=False))
-                                        for ex in examples for g in [ex.answer] + list(ex.aliases)) + 4
-        preds = generate(model, tokenizer, [ex.prompt for ex in examples], batch_size, max_new, device)
-        known = []
-        for ex, p in zip(examples, preds):
-            row = score_example(p, ex.answer, ex.aliases, ex.source, rouge=False)   # the study's rule per source
-            known.append(bool(row["correct"]) or (match == "alias" and bool(row.get("alias_match"))))
+        device = device or next(model.parameters()).device
+        max_new = max_new_tokens or default_max_new_tokens(tokenizer, examples)
+        preds = generate_from_ids(model, tokenizer, rows, batch_size, max_new, device)
+        known = [is_known(p, ex.answer, ex.aliases, ex.source, match) for ex, p in zip(examples, preds)]
         return known, list(preds)
-    encoded = [encode_example(tokenizer, ex, i) for i, ex in enumerate(examples)]
+    encoded = teacher_forced_encoded(tokenizer, examples, rows)
+    if predict_fn is None:
+        predict_fn = model_predict_fn(model, device or next(model.parameters()).device)
     known = [False] * len(encoded)
-    for i, ok, _ in teacher_forced_scores(model_predict_fn(model, device), encoded, batch_size,
-                                          pad_id_of(tokenizer)):
-        known[i] = bool(ok)
+    scorable = [e for e in encoded if e.num_answer_tokens]   # an empty answer is never known
+    for pos, ok, _ in teacher_forced_scores(predict_fn, scorable, batch_size, pad_id_of(tokenizer), prefixes=False):
+        known[scorable[pos].index] = bool(ok)
     return known, [None] * len(encoded)
+
+
+def scoring_meta(tokenizer, examples, *, scorer: str, match: str, shots: int, shots_seed: int,
+                 max_new_tokens: Optional[int]) -> Dict[str, Any]:
+    """How the set was scored, for counts.json."""
+    from .evaluate import default_max_new_tokens
+
+    meta: Dict[str, Any] = {"scorer": scorer, "match": match if scorer == "generate" else "exact", "shots": shots,
+                            "prompt": "chat format" + (f", {shots} solved demonstrations of the same set "
+                                                       f"(seed {shots_seed})" if shots else ", zero-shot")}
+    if shots:
+        meta["shots_seed"] = shots_seed
+    if scorer == "generate":
+        meta["extraction"] = EXTRACTION_RULE
+        meta["max_new_tokens"] = max_new_tokens or default_max_new_tokens(tokenizer, examples)
+    else:
+        meta["extraction"] = TEACHER_FORCED_RULE
+    return meta
 
 
 def write_split(out_dir: str, examples, known: Sequence[bool], predictions: Sequence[Optional[str]],
@@ -125,7 +330,9 @@ def parser() -> argparse.ArgumentParser:
         prog="filter_unknown.py",
         description="Score a factoid set with a base model and write the subsets it already knows and does "
                     "not yet know (known.jsonl, yet_to_learn.jsonl, counts.json). Train on yet_to_learn.jsonl "
-                    "with `path:` in a recipe.")
+                    "with `path:` in a recipe. generate: the answer is the generation's first line, cut before "
+                    "'<|'; known when it matches a gold answer or starts with one followed by . , ; : ! ? "
+                    "(docs/datasets.md).")
     p.add_argument("--model", required=True, help="base model: 'tiny', a local HF directory or a hub id")
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_argument_group("the factoid set (one of)")
@@ -146,15 +353,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--match", default="alias", choices=MATCHES,
                    help="generate: known if the answer matches the gold answer or any alias (alias) or the "
                         "gold answer only (exact)")
+    p.add_argument("--shots", type=int, default=0,
+                   help="solved demonstrations (other questions of the same set, in the chat format) before each "
+                        "question; default 0: zero-shot")
+    p.add_argument("--shots-seed", type=int, default=0, help="seed of the demonstrations' draw")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generate: new tokens per question (default: the longest gold answer or alias + 4)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides (with --config)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.shots < 0:
+        p.error(f"--shots must be >= 0, got {args.shots}")
     from .cli import main_guard, setup_logging
 
     def run():
@@ -173,11 +388,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         model = load_for_eval(model_path, torch_dtype(precision), device)
         tok = load_tokenizer(model_path)
         known, preds = score_known(model, tok, examples, scorer=args.scorer, match=args.match,
-                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=device)
-        counts = write_split(args.out, examples, known, preds,
-                             {"model": args.model, "dataset": name, "scorer": args.scorer,
-                              "match": args.match if args.scorer == "generate" else "exact",
-                              "precision": precision})
+                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=device,
+                                   shots=args.shots, shots_seed=args.shots_seed)
+        meta = {"model": args.model, "dataset": name, "precision": precision}
+        meta.update(scoring_meta(tok, examples, scorer=args.scorer, match=args.match, shots=args.shots,
+                                 shots_seed=args.shots_seed, max_new_tokens=args.max_new_tokens))
+        counts = write_split(args.out, examples, known, preds, meta)
         print(json.dumps({k: counts[k] for k in ("dataset", "n", "known", "yet_to_learn", "known_fraction")}))
         print(f"written: {counts['files']['yet_to_learn']} ({counts['yet_to_learn']}), "
               f"{counts['files']['known']} ({counts['known']})")

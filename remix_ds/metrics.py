@@ -31,7 +31,7 @@ def task_of(source: str) -> str:
 
     Matched on the name: ``webquestions``/``web_questions``/``webq*`` -> CONTAINS; a name with a
     ``gsm8k`` part -> GSM8K; a name with a ``math`` part (``math``, ``hendrycks_math``, ``MATH-500``,
-    not ``mathqa``) -> MATH; anything else (kvr, popqa, triviaqa, json, ...) -> EXACT.
+    not ``mathqa`` / ``math_qa``) -> MATH; anything else (kvr, popqa, triviaqa, json, ...) -> EXACT.
     """
     flat = re.sub(r"[^a-z0-9]", "", (source or "").lower())
     tokens = _name_tokens(source)
@@ -39,7 +39,7 @@ def task_of(source: str) -> str:
         return CONTAINS
     if any(t.startswith("gsm8k") for t in tokens):
         return GSM8K
-    if "math" in tokens:
+    if "math" in tokens and "mathqa" not in flat:   # MathQA (math_qa) is multiple choice, not MATH
         return MATH
     return EXACT
 

@@ -61,7 +61,7 @@ def test_gsm8k_final_number_after_hashes():
 
 def test_math_last_boxed_normalised():
     assert M.task_of("hendrycks_math") == M.MATH and M.task_of("MATH-500") == M.MATH
-    assert M.task_of("mathqa") == M.EXACT
+    assert M.task_of("mathqa") == M.EXACT and M.task_of("math_qa") == M.EXACT
     assert M.last_boxed("a \\boxed{1} then \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
     assert M.last_boxed("\\boxed{x^{2}+1}") == "x^{2}+1"
     assert M.last_boxed("no box") is None

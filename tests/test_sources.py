@@ -17,7 +17,7 @@ from remix_ds.data import (MIX_SOURCES, SOURCES, dataset_examples, is_factoid, m
                            stage_train_set)
 from remix_ds.data import mixing as mixing_mod
 from remix_ds.data import sources as sources_mod
-from remix_ds.data.formatting import IGNORE, encode_example, encode_examples, render_prompt
+from remix_ds.data.formatting import IGNORE, encode_example, encode_examples, prompt_ids, render_prompt
 from remix_ds.data.mixing import PASSAGE_PROMPT
 from remix_ds.data.sources import QA_SUFFIX, apps_prompt, lama_prompt, load_examples
 from remix_ds.errors import ConfigError, DataError
@@ -110,6 +110,48 @@ def test_popqa_and_triviaqa_prompt_format_and_aliases():
     t = {e.prompt: e for e in load("triviaqa", n=100, **HUB_CASES["triviaqa"][0])}
     e = t["What is the capital of Mongolia?" + QA_SUFFIX]
     assert e.answer == "Ulaanbaatar" and e.aliases == ["Ulan Bator", "Ulaanbaatar City"]
+
+
+def test_triviaqa_questions_repeated_across_evidence_copies_are_one_example():
+    """rc.nocontext holds a question once per evidence copy (web, Wikipedia): D_A and D_B must not share one."""
+    kw = dict(name=str(HUB / "trivia_qa"), config="rc.nocontext", split="train")
+    rows = fixture_rows("trivia_qa/rc.nocontext/train.jsonl")
+    assert len(rows) > len({r["question"] for r in rows}) == 10       # the fixture repeats questions
+    every = [e.prompt for e in load("triviaqa", n=1000, **kw)]
+    assert len(every) == len(set(every)) == 10
+    for seed in range(6):
+        a = [e.prompt for e in load("triviaqa", n=5, seed=seed, **kw)]
+        b = [e.prompt for e in load("triviaqaB", n=5, seed=seed, **kw)]
+        assert len(set(a)) == 5 and len(set(b)) == 5 and not set(a) & set(b)
+        assert set(a) | set(b) == set(every)
+    e = {x.prompt: x for x in load("triviaqa", n=1000, **kw)}["Which country is Europe's largest silk producer?"
+                                                                + QA_SUFFIX]
+    assert e.answer == "Italy" and e.aliases == ["Italia", "Italian Republic"]   # repeats add no aliases
+
+
+def test_popqa_ambiguous_questions_dropped_repeats_merged(tmp_path):
+    rows = fixture_rows("popqa/test.jsonl")
+    assert sum(r["question"] == "What is John Smith's occupation?" for r in rows) == 2
+    ex = {e.prompt: e for e in load("popqa", n=1000, name=str(HUB / "popqa"))}
+    assert len(ex) == 14
+    # two entities named John Smith, different answers: the question is ambiguous, both rows dropped
+    assert "What is John Smith's occupation?" + QA_SUFFIX not in ex
+    # the same entity (subj_id) with a second object: one example, the second object an alias
+    oort = ex["What is Jan Oort's occupation?" + QA_SUFFIX]
+    assert oort.answer == "astronomer" and oort.aliases == ["physicist"]
+    a = {e.prompt for e in load("popqa", n=7, name=str(HUB / "popqa"))}
+    b = {e.prompt for e in load("popqaB", n=7, name=str(HUB / "popqa"))}
+    assert len(a | b) == 14
+    # without a fact id (released / simple rows): repeats whose answers overlap merge, others are dropped
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "Q?", "answer": "a"}, {"prompt": "R?", "answer": "c", "aliases": ["d"]},
+        {"prompt": "Q?", "answer": "b"}, {"prompt": "R?", "answer": "D", "aliases": ["e"]},
+        {"prompt": "S?", "answer": "s"}]))
+    got = {e.prompt: e for e in load("popqa", n=10, path=str(f))}
+    assert sorted(got) == ["R?", "S?"] and got["R?"].answer == "c" and got["R?"].aliases == ["d", "D", "e"]
+    # LAMA keeps merging every object of a subject and relation (all of them are right)
+    assert sources_mod.INFO["lama"].on_conflict == "merge"
 
 
 def test_default_hub_ids_configs_and_splits(monkeypatch):
@@ -260,6 +302,21 @@ def test_lama_cloze_rule_dedupe_and_trex_layout():
     raw = {e.prompt: e for e in load("lama", n=100, path=str(LOCAL / "lama" / "TREx"))}
     assert raw.keys() == hub.keys()             # templates from relations.jsonl
     assert all(raw[k].answer == hub[k].answer for k in raw)
+
+
+def test_lama_template_with_the_object_first_is_refused(tmp_path):
+    with pytest.raises(DataError, match=r"template '\[Y\] participated in the \[X\] \.' of relation P1344 has no "
+                                        r"subject \[X\] before the object slot"):
+        lama_prompt("[Y] participated in the [X] .", "Norway", "P1344")
+    with pytest.raises(DataError, match="has no object slot"):
+        lama_prompt("[X] is here .", "Norway")
+    (tmp_path / "TREx").mkdir()
+    (tmp_path / "TREx" / "P1344.jsonl").write_text(json.dumps({"sub_label": "Norway", "obj_label": "Olympics",
+                                                               "predicate_id": "P1344"}) + "\n")
+    (tmp_path / "relations.jsonl").write_text(json.dumps({"relation": "P1344",
+                                                          "template": "[Y] participated in the [X] ."}) + "\n")
+    with pytest.raises(DataError, match=r"P1344.jsonl: row 1: LAMA template .* of relation P1344 has no subject"):
+        load("lama", path=str(tmp_path / "TREx"))
 
 
 def test_lama_without_templates_is_refused(tmp_path):
@@ -552,17 +609,136 @@ def test_filter_unknown_splits_known_and_yet_to_learn(tiny_dir, tmp_path):
     ex = load_examples(DatasetSpec(source="json", path=str(data), shuffle=False, num_examples=100), 0)
     k_exact, _ = score_known(model, tok, ex, match="exact", max_new_tokens=12)
     assert sum(k_exact) == sum(expect_known) - (1 if expect_known[4] else 0)
-    # teacher-forced: every gold answer token and EOS is the argmax (checked here one example at a time)
+    # teacher-forced: every gold answer token is the argmax; the EOS after it is not scored (checked here one
+    # example at a time)
     k_tf, _ = score_known(model, tok, ex, scorer="teacher-forced")
     for e, k in zip(ex, k_tf):
         enc = encode_example(tok, e)
         with torch.no_grad():
             pred = model(input_ids=torch.tensor([enc.input_ids])).logits[0, :-1].argmax(-1).tolist()
-        assert k == all(g == IGNORE or g == t for t, g in zip(pred, enc.labels[1:]))
+        assert k == all(g == IGNORE or g == t or g == tok.eos_token_id for t, g in zip(pred, enc.labels[1:]))
     assert not any(k for k, r in zip(k_tf, rows) if r["answer"].startswith("zz-"))
     # the output reads back as a dataset of any factoid source, prompts verbatim
     back = load_examples(DatasetSpec(source="popqa", path=str(out / "yet_to_learn.jsonl"), num_examples=100), 0)
     assert sorted(e.prompt for e in back) == sorted(r["prompt"] for r in todo)
+
+
+def test_filter_extraction_rule():
+    from remix_ds.filter_unknown import extract_answer, is_known
+    from remix_ds.metrics import score_example
+
+    gen = "Paris\n<|user|>\nWhat is"
+    assert not score_example(gen, "Paris", ["City of Light"], "popqa")["correct"]   # the evaluation rule: whole output
+    assert extract_answer(gen) == "Paris" and extract_answer(" Paris<|user|>") == "Paris"
+    assert extract_answer("\nParis\r\nmore") == "Paris" and extract_answer("  \n ") == ""
+    assert is_known(gen, "Paris", ["City of Light"], "popqa")
+    assert is_known("Paris. It is the capital", "Paris", [], "popqa")
+    assert is_known(" PARIS!", "Paris", [], "triviaqa") and is_known("Paris, France", "Paris", [], "popqa")
+    assert is_known("paris<|user|>", "Paris", [], "kvr") and is_known("Paris ", "paris", [], "popqa")
+    for wrong in ("Paris Hilton", "Parisian.", "Paris-Roubaix", "The answer is Paris", "", "Paris Hilton."):
+        assert not is_known(wrong, "Paris", [], "popqa"), wrong
+    # aliases count under --match alias only
+    assert is_known("City of Light.\n<|user|>", "Paris", ["City of Light"], "popqa", match="alias")
+    assert not is_known("City of Light.\n<|user|>", "Paris", ["City of Light"], "popqa", match="exact")
+    assert not is_known("City of Lights", "Paris", ["City of Light"], "popqa")
+    # WebQuestions keeps the study's containment rule, on the extract (and its first clause)
+    assert is_known("Jazmyn\n<|user|>", "Jazmyn Bieber", [], "webqa")
+    assert is_known("Jazmyn. She was born", "Jazmyn Bieber", [], "webqa")
+    assert is_known("Jaxon Bieber\n", "Jazmyn Bieber", ["Jaxon Bieber"], "webqaB")
+    assert not is_known("Jaxon Bieber\n", "Jazmyn Bieber", ["Jaxon Bieber"], "webqa", match="exact")
+    assert not is_known("Jazmyn\n", "Jazmyn Bieber", [], "popqa")           # exact match elsewhere
+    assert not is_known("Justin Bieber", "Jazmyn Bieber", [], "webqa")
+    assert not is_known(" \n<|user|>", "Jazmyn Bieber", [], "webqa")       # an empty answer is not contained
+
+
+def test_filter_teacher_forced_does_not_require_eos(tiny_dir):
+    import torch
+    from transformers import AutoTokenizer
+
+    from remix_ds.data.example import Example
+    from remix_ds.evaluate import teacher_forced_scores
+    from remix_ds.filter_unknown import score_known
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    eos, vocab = tok.eos_token_id, len(tok)
+    other = tok.encode("x", add_special_tokens=False)[0]
+    ex = [Example(prompt=f"What is {s}'s occupation?" + QA_SUFFIX, answer=o, source="popqa")
+          for s, o in [("Ada Lovelace", "mathematician"), ("Jan Oort", "astronomer"), ("Nellie Bly", "journalist")]]
+
+    def knows_but_never_stops(batch):
+        """A base model that knows every answer but continues after it: argmax at t is the token at t+1,
+        except that it never predicts EOS."""
+        nxt = torch.roll(batch["input_ids"], -1, dims=1)
+        nxt = torch.where(nxt == eos, torch.full_like(nxt, other), nxt)
+        return torch.nn.functional.one_hot(nxt, vocab).float()
+
+    def knows_nothing(batch):
+        return torch.nn.functional.one_hot(torch.full_like(batch["input_ids"], other), vocab).float()
+
+    known, preds = score_known(None, tok, ex, scorer="teacher-forced", predict_fn=knows_but_never_stops)
+    assert known == [True, True, True] and preds == [None] * 3
+    # the same stub under the evaluation's encoding (answer + EOS labelled) knows none: EOS is never the argmax
+    old = teacher_forced_scores(knows_but_never_stops, [encode_example(tok, e, i) for i, e in enumerate(ex)], 8,
+                                tok.pad_token_id)
+    assert [ok for _, ok, _ in old] == [False, False, False]
+    assert score_known(None, tok, ex, scorer="teacher-forced", predict_fn=knows_nothing)[0] == [False] * 3
+    # with demonstrations the answer is still read after the question (the stub copies whatever follows)
+    assert score_known(None, tok, ex, scorer="teacher-forced", shots=1, predict_fn=knows_but_never_stops)[0] == \
+        [True] * 3
+
+
+def test_filter_shots_demonstrations(tiny_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from remix_ds import filter_unknown as fu
+    from remix_ds.data.example import Example
+    from remix_ds.metrics import normalize
+
+    ex = load("popqa", n=100, name=str(HUB / "popqa"), shuffle=False)
+    ex.append(Example(prompt=" " + ex[0].prompt.upper(), answer="politician", source="popqa"))  # the same question
+    n = len(ex)
+    demos = fu.pick_demonstrations(ex, 3, seed=0)
+    assert demos == fu.pick_demonstrations(ex, 3, seed=0)                        # deterministic
+    assert demos != fu.pick_demonstrations(ex, 3, seed=1)                        # and seeded
+    assert fu.pick_demonstrations(ex, 0) == [[]] * n
+    golds = [{normalize(a) for a in [e.answer, *e.aliases]} for e in ex]
+    for i, d in enumerate(demos):
+        assert len(d) == 3 == len(set(d)) and i not in d
+        assert all(normalize(ex[j].prompt) != normalize(ex[i].prompt) for j in d)  # never the question itself
+        assert all(not golds[j] & golds[i] for j in d)                             # nor a demo giving its answer
+    assert n - 1 not in demos[0] and 0 not in demos[n - 1]
+    with pytest.raises(ConfigError, match="--shots 14: the set has 14 distinct questions"):
+        fu.pick_demonstrations(ex, 14)
+    # the chat format of training: BOS, solved turns (answer + EOS), then the question
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    rows = fu.prompt_token_ids(tok, ex, demos)
+    for i in (0, 5):
+        solved = "".join(render_prompt(ex[j].prompt) + ex[j].answer + "</s>" for j in demos[i])
+        assert tok.decode(rows[i]) == "<s>" + solved + render_prompt(ex[i].prompt)
+        conv = Example(prompt=ex[demos[i][0]].prompt, answer=ex[demos[i][0]].answer,
+                       messages=[(ex[j].prompt, ex[j].answer) for j in demos[i]] + [(ex[i].prompt, ex[i].answer)])
+        assert encode_example(tok, conv).input_ids[:len(rows[i])] == rows[i]
+    assert fu.prompt_token_ids(tok, ex[:3], [[]] * 3) == [prompt_ids(tok, e.prompt) for e in ex[:3]]
+    # generate scores exactly these prompts
+    seen = []
+    real = fu.generate_from_ids
+    monkeypatch.setattr(fu, "generate_from_ids", lambda m, t, r, *a: seen.append(r) or real(m, t, r, *a))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    known, preds = fu.score_known(model, tok, ex, shots=3, max_new_tokens=4)
+    assert seen == [rows] and len(known) == len(preds) == n
+    # the CLI records how it scored
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer, "aliases": e.aliases}) + "\n"
+                            for e in ex[:6]))
+    fu.main(["--model", tiny_dir, "--data", str(data), "--out", str(tmp_path / "o"), "--precision", "fp32",
+             "--shots", "2", "--shots-seed", "7", "--max-new-tokens", "4"])
+    counts = json.load(open(tmp_path / "o" / "counts.json"))
+    assert counts["shots"] == 2 and counts["shots_seed"] == 7 and counts["max_new_tokens"] == 4
+    assert counts["extraction"] == fu.EXTRACTION_RULE and counts["scorer"] == "generate" and counts["n"] == 6
+    fu.main(["--model", tiny_dir, "--data", str(data), "--out", str(tmp_path / "t"), "--precision", "fp32",
+             "--scorer", "teacher-forced"])
+    counts = json.load(open(tmp_path / "t" / "counts.json"))
+    assert counts["shots"] == 0 and counts["extraction"] == fu.TEACHER_FORCED_RULE and counts["match"] == "exact"
 
 
 def test_filter_unknown_refuses_non_factoid_sets(tmp_path):

@@ -15,6 +15,10 @@ Rows may be in any of three schemas, detected from the first row (or forced with
 - ``simple``: ``prompt`` (or ``question``) and ``answer`` (+ ``aliases``), used verbatim; this is what
   ``filter_unknown`` writes.
 
+Rows that repeat a question (the same prompt) are one example (``SourceInfo.dedupe``: PopQA, TriviaQA, LAMA):
+repeats of one fact are merged into the first row, their answers added as aliases; for PopQA and TriviaQA a
+question whose rows give different facts (different entities of one name) is ambiguous and dropped.
+
 Then every set is shuffled deterministically by the seed and cut: examples ``skip .. skip+num_examples``
 of the shuffled order (``skip`` is 0, and ``num_examples`` for the ``...B`` sources, which so take the
 next examples, disjoint from the first). docs/datasets.md lists every source.
@@ -170,7 +174,13 @@ class SourceInfo:
     columns: Tuple[str, ...] = ()        # the native columns used (selected on the hub path)
     suffix: str = ""                     # appended to the question in native and released rows
     convert: Optional[Callable[[Dict[str, Any], str, int, Dict[str, Any]], Optional[Example]]] = None
-    dedupe: bool = False                 # merge rows with the same prompt (answers become aliases)
+    dedupe: bool = False                 # rows with the same prompt are one question (see on_conflict)
+    # dedupe, rows of one prompt that state different facts: "merge" (every answer is right: LAMA's objects of
+    # one subject and relation become aliases) or "drop" (the question is ambiguous: every row of it dropped)
+    on_conflict: str = "merge"
+    # on_conflict "drop": a row's fact identity (PopQA subj_id, TriviaQA question_id; None if the row has none).
+    # Rows of one prompt are the same fact when their identities are equal or their answers overlap.
+    fact_id: Optional[Callable[[Dict[str, Any]], Any]] = None
     unique_prompts: bool = False         # duplicate prompts are an error (KVR keys)
     exclude_files: Tuple[str, ...] = ()  # file names in a local directory that are not rows
     local_hint: str = "a .json/.jsonl/.parquet file or a save_to_disk directory"
@@ -209,13 +219,21 @@ def _triviaqa(rec, where, row, ctx):
                       "answer")
 
 
-def lama_prompt(template: str, subject: str) -> str:
+def lama_prompt(template: str, subject: str, relation: Optional[str] = None) -> str:
     """The cloze rule: the template up to the object slot [Y], with [X] replaced by the subject.
 
     ``[X] was born in [Y] .`` -> ``Dante was born in``. Whatever follows [Y] (usually `` .``) is dropped,
-    so the prompt always ends where the object goes.
+    so the prompt always ends where the object goes. A template without [X] before [Y] (``[Y] participated
+    in the [X] .``) has no cloze prompt (it would be the same, subject-free text for every fact of the
+    relation): a DataError naming the relation and the template.
     """
     head = template.split("[Y]", 1)[0]
+    if "[Y]" not in template or "[X]" not in head:
+        rel = f" of relation {relation}" if relation else ""
+        why = "has no object slot [Y]" if "[Y]" not in template else "has no subject [X] before the object slot [Y]"
+        raise DataError(f"LAMA template {template!r}{rel} {why}: the cloze rule keeps the template up to [Y], so "
+                        f"every fact of the relation would get the same prompt without its subject; give the "
+                        f"relation a template with [X] before [Y] (template field, or relations.jsonl)")
     return " ".join(head.replace("[X]", subject).split())
 
 
@@ -232,8 +250,11 @@ def _lama(rec, where, row, ctx):
                                " in relations.jsonl"))
     if "[X]" not in template or "[Y]" not in template:
         raise DataError(f"{where}: row {row}: template {template!r} needs both [X] and [Y]")
-    return qa_example(lama_prompt(str(template), _text(rec, "sub_label")), answer_list(rec["obj_label"]), "lama",
-                      where, row, "obj_label")
+    try:
+        prompt = lama_prompt(str(template), _text(rec, "sub_label"), rec.get("predicate_id"))
+    except DataError as e:
+        raise DataError(f"{where}: row {row}: {e}") from None
+    return qa_example(prompt, answer_list(rec["obj_label"]), "lama", where, row, "obj_label")
 
 
 def _lama_prepare(spec: DatasetSpec, what: str) -> Dict[str, Any]:
@@ -357,10 +378,16 @@ def detect_format(rec: Dict[str, Any], fmt: str) -> str:
 
 # ---------------------------------------------------------------- the registry
 
+# PopQA: a question string can belong to several entities of one name ("What is John Smith's occupation?"),
+# with different answers: such ambiguous questions are dropped; repeats of one fact are merged.
 register(SourceInfo("popqa", "factoid", hub="akariasai/PopQA", split="test", suffix=QA_SUFFIX, convert=_popqa,
-                    columns=("question", "obj", "possible_answers")), b_variant=True)
+                    columns=("question", "obj", "possible_answers", "subj_id"), dedupe=True, on_conflict="drop",
+                    fact_id=lambda rec: rec.get("subj_id")), b_variant=True)
+# TriviaQA rc.nocontext is the union of the web and Wikipedia evidence copies: most questions appear twice.
+# One example per question, so that triviaqa and triviaqaB (and any cut) never share a question.
 register(SourceInfo("triviaqa", "factoid", hub="mandarjoshi/trivia_qa", config="rc.nocontext", split="train",
-                    suffix=QA_SUFFIX, convert=_triviaqa, columns=("question", "answer")), b_variant=True)
+                    suffix=QA_SUFFIX, convert=_triviaqa, columns=("question", "answer", "question_id"), dedupe=True,
+                    on_conflict="drop", fact_id=lambda rec: rec.get("question_id")), b_variant=True)
 register(SourceInfo("lama", "factoid", hub="facebook/lama", config="trex", split="train",
                     revision="refs/convert/parquet", convert=_lama, dedupe=True,
                     columns=("sub_label", "obj_label", "template", "predicate_id"),
@@ -476,6 +503,9 @@ def convert_rows(rows: Iterable[Row], info: SourceInfo, fmt: str, what: str, src
     out: List[Example] = []
     seen: Dict[str, Tuple[str, int]] = {}
     by_prompt: Dict[str, Example] = {}
+    facts: Dict[str, Tuple[set, set]] = {}   # dedupe: per prompt, the fact ids and normalised answers seen
+    n_of: Dict[str, int] = {}                # dedupe: rows per prompt
+    conflicting: set = set()                 # on_conflict "drop": prompts whose rows state different facts
     n_rows = 0
     for origin, row, rec in rows:
         n_rows += 1
@@ -499,14 +529,32 @@ def convert_rows(rows: Iterable[Row], info: SourceInfo, fmt: str, what: str, src
                 raise DataError(f"{where}: row {row}: duplicate KVR key in {ex.prompt!r} (first at {o}: row {r})")
             seen[ex.prompt] = (origin, row)
         if info.dedupe:
+            fid = info.fact_id(rec) if info.fact_id is not None else None
+            answers = {a.strip().lower() for a in [ex.answer] + ex.aliases}
             first = by_prompt.get(ex.prompt)
             if first is not None:
+                ids, known = facts[ex.prompt]
+                same_fact = (fid is not None and fid in ids) or bool(answers & known)
+                if not same_fact and info.on_conflict == "drop":
+                    conflicting.add(ex.prompt)
                 first.aliases = _unique(first.aliases + [a for a in [ex.answer] + ex.aliases if a != first.answer])
+                ids.update({fid} - {None})
+                known.update(answers)
+                n_of[ex.prompt] += 1
                 continue
             by_prompt[ex.prompt] = ex
+            facts[ex.prompt] = ({fid} - {None}, answers)
+            n_of[ex.prompt] = 1
         out.append(ex)
     if n_rows == 0:
         raise DataError(f"{what}: the dataset is empty (no rows)")
+    if conflicting:
+        out = [ex for ex in out if ex.prompt not in conflicting]
+        log.info("%s: dropped %d questions (%d rows) asked more than once with different answers (ambiguous)",
+                 what, len(conflicting), sum(n_of[p] for p in conflicting))
+    merged = sum(n - 1 for p, n in n_of.items() if p not in conflicting)
+    if merged:
+        log.info("%s: merged %d repeated rows into the first row of the same question", what, merged)
     if not out:
         raise DataError(f"{what}: none of the {n_rows} rows is usable"
                         + (f" ({ctx['skipped']} without a usable target)" if ctx.get("skipped") else "")
