@@ -66,9 +66,29 @@ def split_variants(values: Optional[List[str]]) -> Optional[List[str]]:
 
 # ---------------------------------------------------------------- entry points (launch/*.py call these)
 
+def add_dry_run(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--dry-run", "-n", action="store_true",
+                   help="check the recipe and its data, print what would be trained, resumed, kept or scored "
+                        "(and why), and stop: nothing is trained or written")
+    return p
+
+
+def print_plan(recipe, variants, stages=None) -> None:
+    from .pipeline import check_recipe, plan
+
+    check_recipe(recipe, variants)
+    rows = plan(recipe, variants, stages)
+    print(f"recipe {recipe.name}: {len(variants)} variant(s), output in {recipe.output_dir}")
+    print("| variant | stage | action | why | evaluation |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['stage']} | {r['action']} | {r['why']} | {r['evaluation']} |")
+
+
 def pipeline_main(argv: Optional[List[str]] = None) -> None:
-    args = recipe_parser("Run every stage of every variant of a recipe, evaluate, and write the "
-                         "forgetting report. With no --config, runs the bundled demo.").parse_intermixed_args(argv)
+    args = add_dry_run(recipe_parser("Run every stage of every variant of a recipe, evaluate, and write the "
+                                     "forgetting report. With no --config, runs the bundled demo.")
+                       ).parse_intermixed_args(argv)
 
     def run():
         setup_logging()
@@ -78,6 +98,10 @@ def pipeline_main(argv: Optional[List[str]] = None) -> None:
         from .report import markdown_table
 
         recipe = load_recipe(args.config, args.overrides)
+        if args.dry_run:
+            names = split_variants(args.variant)
+            print_plan(recipe, [recipe.variant(n) for n in names] if names else recipe.variants)
+            return
         dist.init()
         report = run_pipeline(recipe, split_variants(args.variant))
         if dist.is_main():
@@ -87,7 +111,8 @@ def pipeline_main(argv: Optional[List[str]] = None) -> None:
 
 
 def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
-    args = recipe_parser(f"Train (and evaluate) stage {k} of each variant of a recipe.").parse_intermixed_args(argv)
+    args = add_dry_run(recipe_parser(f"Train (and evaluate) stage {k} of each variant of a recipe.")
+                       ).parse_intermixed_args(argv)
 
     def run():
         setup_logging()
@@ -100,6 +125,9 @@ def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
             from .errors import ConfigError
             raise ConfigError(f"the recipe has {recipe.num_stages} stages; there is no stage{k}")
         variants = [recipe.variant(n) for n in split_variants(args.variant)] if args.variant else recipe.variants
+        if args.dry_run:
+            print_plan(recipe, variants, [k])
+            return
         dist.init()
         check_recipe(recipe, variants)
         for v in variants:

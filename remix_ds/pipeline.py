@@ -16,7 +16,8 @@ from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
 from .metrics import is_task_source
 from .model import load_for_eval, load_tokenizer
-from .stage import batch_plan, config_change, fingerprint, is_complete, stage_output, read_done, stage_dir, train_stage
+from .stage import (batch_plan, config_change, fingerprint, is_complete, latest_checkpoint, stage_output, read_done,
+                    stage_dir, train_stage)
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,45 @@ def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]])
     row["forgetting"] = (a1 - an) if a1 is not None and an is not None and n > 1 else None
     row["stages"] = stages
     return row
+
+
+def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = None) -> List[Dict[str, Any]]:
+    """What a run would do, without doing it: per variant and stage, ``complete`` (kept), ``resume`` (from a
+    checkpoint of this config), ``retrain`` (an output of another config: what changed) or ``train`` (none
+    yet); and whether its evaluation is cached. A stage after one that will (re)train is itself retrained."""
+    scorer = check_scorer(getattr(recipe.eval, "scorer", "generate"))
+    rows = []
+    for v in variants:
+        upstream_changes = False
+        for k in stages or range(1, recipe.num_stages + 1):
+            d = stage_dir(recipe, v, k)
+            h = stage_hash(fingerprint(recipe, v, k))
+            if is_complete(recipe, v, k) and not upstream_changes:
+                action, why = "complete", "kept"
+                todo = [key for key in eval_keys(recipe, v, k)
+                        if not _eval_is_current(_read_json(d / "eval" / f"{key}.json"), h, recipe, scorer)]
+                evaluation = "cached" if not todo else "to score: " + ", ".join(todo)
+            else:
+                first_change = not upstream_changes   # the first stage of the variant to (re)train
+                upstream_changes = True
+                tag = None
+                try:
+                    tag = latest_checkpoint(d / "checkpoints", h) if v.stages[k - 1].resume == "auto" else None
+                except ConfigError as e:
+                    tag = f"? ({e})"
+                if tag:
+                    action, why = "resume", f"from checkpoint {tag}"
+                elif read_done(d):
+                    change = config_change(recipe, v, k) or "no record of the earlier config"
+                    if not first_change and change.startswith("the stage keys are the same"):
+                        change = f"stage{k - 1} is (re)trained first"
+                    action, why = "retrain", change
+                else:
+                    action, why = "train", "no output yet"
+                evaluation = "to score: " + ", ".join(eval_keys(recipe, v, k))
+            rows.append({"variant": v.name, "stage": k, "action": action, "why": why, "evaluation": evaluation,
+                         "dir": str(d)})
+    return rows
 
 
 def run_pipeline(recipe: Recipe, variant_names: Optional[List[str]] = None, stages: Optional[List[int]] = None

@@ -141,3 +141,18 @@ def test_stage2_names_what_differs_from_stage1s_config(run):
     assert "was trained with another config (changed stage keys: epochs 3 -> 2)" in res.stderr
     assert "same recipe and overrides as stage1" in res.stderr
     assert os.path.getmtime(done) == before
+
+
+def test_dry_run_says_what_would_run_and_why_without_running(run):
+    """After the reruns above, full/stage2 was last trained with epochs 1 (the recipe says 2); --dry-run tells
+    so, keeps the rest, and trains or writes nothing."""
+    out, recipe, _ = run
+    marks = {p: os.path.getmtime(p) for p in out.rglob("DONE.json")}
+    res = run_cli([sys.executable, "launch/pipeline.py", "--dry-run", "--config", str(recipe)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:6]]
+            for line in res.stdout.splitlines() if line.startswith("| full") or line.startswith("| lora")}
+    assert rows[("full", "1")] == ["complete", "kept", "cached"]
+    assert rows[("full", "2")] == ["retrain", "changed stage keys: epochs 1 -> 2", "to score: A, B"]
+    assert rows[("lora", "1")][0] == rows[("lora", "2")][0] == "complete"
+    assert {p: os.path.getmtime(p) for p in out.rglob("DONE.json")} == marks
