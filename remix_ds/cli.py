@@ -39,7 +39,8 @@ def recipe_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", "-c", default=None, help="recipe YAML (default: the bundled demo recipe)")
     p.add_argument("--variant", "-v", action="append", default=None,
-                   help="run only this variant (repeatable; default: all variants of the recipe)")
+                   help="run only this variant (repeatable or comma-separated; a quoted pattern such as 'lora-r*' "
+                        "selects every variant it matches, e.g. a whole sweep; default: all variants)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage1.epochs=5 ds_config=zero3")
     return p
@@ -58,10 +59,28 @@ def main_guard(fn) -> None:
         sys.exit(130)
 
 
-def split_variants(values: Optional[List[str]]) -> Optional[List[str]]:
+def split_variants(values: Optional[List[str]], recipe=None) -> Optional[List[str]]:
+    """--variant values (repeatable, comma-separated) as variant names; with the recipe, a shell-style pattern
+    (``'lora-r*'``: a whole sweep) stands for every variant it matches, in the recipe's order."""
     if not values:
         return None
-    return [v for item in values for v in item.split(",") if v]
+    names = [v for item in values for v in item.split(",") if v]
+    if recipe is None:
+        return names
+    import fnmatch
+
+    out: List[str] = []
+    for name in names:
+        if any(c in name for c in "*?["):
+            hits = [v.name for v in recipe.variants if fnmatch.fnmatchcase(v.name, name)]
+            if not hits:
+                from .errors import ConfigError
+                raise ConfigError(f"--variant {name!r} matches no variant; known: "
+                                  f"{', '.join(v.name for v in recipe.variants)}")
+            out += [h for h in hits if h not in out]
+        elif name not in out:
+            out.append(name)
+    return out
 
 
 # ---------------------------------------------------------------- entry points (launch/*.py call these)
@@ -99,11 +118,11 @@ def pipeline_main(argv: Optional[List[str]] = None) -> None:
 
         recipe = load_recipe(args.config, args.overrides)
         if args.dry_run:
-            names = split_variants(args.variant)
+            names = split_variants(args.variant, recipe)
             print_plan(recipe, [recipe.variant(n) for n in names] if names else recipe.variants)
             return
         dist.init()
-        report = run_pipeline(recipe, split_variants(args.variant))
+        report = run_pipeline(recipe, split_variants(args.variant, recipe))
         if dist.is_main():
             print(markdown_table(report))
             print(f"\nreport: {os.path.join(recipe.output_dir, 'report.md')}")
@@ -124,7 +143,7 @@ def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
         if k > recipe.num_stages:
             from .errors import ConfigError
             raise ConfigError(f"the recipe has {recipe.num_stages} stages; there is no stage{k}")
-        variants = [recipe.variant(n) for n in split_variants(args.variant)] if args.variant else recipe.variants
+        variants = [recipe.variant(n) for n in split_variants(args.variant, recipe)] if args.variant else recipe.variants
         if args.dry_run:
             print_plan(recipe, variants, [k])
             return

@@ -232,3 +232,15 @@ def test_fingerprint_follows_the_data_not_only_its_path(tmp_path):
     assert hashes("a3") == ref                     # the same contents: the same stages
     changed = hashes("another answer")
     assert changed[0] != ref[0] and changed[1] != ref[1]
+
+
+def test_variant_patterns_select_a_whole_sweep(tmp_path):
+    from remix_ds.cli import split_variants
+
+    d = base_dict(tmp_path)
+    d["variants"] = [{"name": "full"}, {"name": "lora", "sweep": {"stage1.lora.r": [8, 16]}}]
+    r = recipe_from_dict(d)
+    assert split_variants(["lora-r*"], r) == ["lora-r8", "lora-r16"]
+    assert split_variants(["full,lora-r1?", "full"], r) == ["full", "lora-r16"]
+    with pytest.raises(ConfigError, match="'qlora-\\*' matches no variant; known: full, lora-r8, lora-r16"):
+        split_variants(["qlora-*"], r)
