@@ -44,6 +44,7 @@ FINETUNE_MODES = ("full", "lora", "qlora")
 STOP_RULES = ("fixed", "loss", "accuracy")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SAVE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+OVERLONG = ("truncate", "drop")
 STAGE_KEY = re.compile(r"^stage([1-9][0-9]*)$")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -92,6 +93,9 @@ class DatasetSpec:
     shuffle: bool = True          # false: keep file order (the released files' order, as the study did)
     format: str = "auto"          # auto | native (the source's own row schema) | released | simple (prompt/answer)
     factoid: Optional[bool] = None  # override whether the set is scored by exact match (json source)
+    # examples whose encoding is longer than max_seq_length: "truncate" (factoids dropped, other data cut to
+    # max_seq_length) or "drop" (the study's: skipped, and further examples of the order taken in their place)
+    overlong: str = "truncate"
 
 
 @dataclass
@@ -468,6 +472,9 @@ def validate(recipe: Recipe, where: str) -> None:
     for key, ds in recipe.datasets.items():
         if ds.num_examples <= 0:
             raise ConfigError(f"{where}: datasets.{key}.num_examples must be positive, got {ds.num_examples}")
+        if ds.overlong not in OVERLONG:
+            raise ConfigError(f"{where}: datasets.{key}.overlong must be one of {', '.join(OVERLONG)}, "
+                              f"got {ds.overlong!r}")
     for v in recipe.variants:
         for i, st in enumerate(v.stages, 1):
             w = f"{where}: variant {v.name}, stage{i}"

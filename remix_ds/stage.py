@@ -134,8 +134,8 @@ def config_change(recipe: Recipe, variant: Variant, k: int) -> Optional[str]:
     if keys:
         return "changed stage keys: " + ", ".join(f"{key} {old.get('spec', {}).get(key)!r} -> {new.get(key)!r}"
                                                  for key in keys)
-    return "the stage keys are the same: a dataset, the seed, precision, max_seq_length, the ds_config, the " \
-           "model or an earlier stage changed"
+    return "the stage keys are the same: a dataset or its contents, the seed, precision, max_seq_length, the " \
+           "ds_config, the model, an earlier stage or remix_ds's fingerprint changed"
 
 
 def is_complete(recipe: Recipe, variant: Variant, k: int) -> bool:
@@ -361,7 +361,9 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     tok = load_tokenizer(base)
     pad = pad_id_of(tok)
     data, train = stage_train_set(recipe, spec, k)
-    enc, dropped = encode_examples(tok, train, recipe.max_seq_length, what=f"{variant.name}/stage{k}")
+    # overlong: drop chose examples that fit already; nothing of such a stage is ever truncated
+    enc, dropped = encode_examples(tok, train, recipe.max_seq_length, what=f"{variant.name}/stage{k}",
+                                   truncate=recipe.datasets[spec.data].overlong != "drop")
     if not enc:
         raise ConfigError(f"{variant.name}/stage{k}: every example is longer than max_seq_length="
                           f"{recipe.max_seq_length}")

@@ -752,3 +752,123 @@ def test_filter_unknown_refuses_non_factoid_sets(tmp_path):
                                 "--name", str(HUB / "popqa")])
     ex, name = select_examples(args)
     assert len(ex) == 14 and ex[0].prompt == "What is George Rankin's occupation?" + QA_SUFFIX  # every row, in order
+
+
+# ------------------------------------------------------------------ over-long examples (overlong: truncate | drop)
+
+def _long_solution(n):
+    """A GSM8K-style solution far over 256 tokens, whose final answer comes last (cut by truncation)."""
+    return " ".join(f"Step {i}: add {i} more clips to the running total." for i in range(60)) + f"\n#### {n}"
+
+
+def _overlong_recipe(datasets_, stages, max_seq_length=256, seed=3):
+    raw = {"name": "t", "output_dir": "/tmp/unused", "model": "tiny", "seed": seed, "max_seq_length": max_seq_length,
+           "datasets": datasets_, "variants": [{"name": "v"}]}
+    for k, st in enumerate(stages, 1):
+        raw[f"stage{k}"] = dict({"epochs": 1, "global_batch_size": 4}, **st)
+    return recipe_from_dict(raw, where="r.yaml")
+
+
+def _gsm8k_with_long_rows(tmp_path):
+    rows = fixture_rows("gsm8k/main/train.jsonl")
+    rows += [{"question": f"How many clips did Natalia sell in week {w}?", "answer": _long_solution(w)}
+             for w in range(1, 5)]
+    f = tmp_path / "gsm8k_long.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(f)
+
+
+def test_overlong_drop_takes_num_examples_that_fit_and_evaluation_scores_them(tmp_path, tiny_dir):
+    from remix_ds.data import fitting_examples, recipe_tokenizer
+    from remix_ds.data.formatting import encoded_length
+    from remix_ds.stage import fingerprint
+
+    path = _gsm8k_with_long_rows(tmp_path)          # 6 solutions of 185 tokens (tiny tokenizer), 4 far longer
+    spec = {"source": "gsm8k", "path": path, "num_examples": 5}
+    stage = [{"data": "C", "mix": {"source": "random-words", "ratio": 0.4, "prompt_words": 3, "target_words": 3}}]
+    trunc = _overlong_recipe({"C": dict(spec)}, stage)
+    drop = _overlong_recipe({"C": dict(spec, overlong="drop")}, stage)
+    tok = recipe_tokenizer(drop)
+    long_ = lambda e: encoded_length(tok, e) > 256   # noqa: E731
+    # truncate (the default): today's cut, over-long solutions included, truncated at encoding before their answer
+    assert trunc.datasets["C"].overlong == "truncate"
+    cut = dataset_examples(trunc, "C")
+    assert cut == load("gsm8k", n=5, seed=3, path=path)
+    assert len(cut) == 5 and sum(map(long_, cut)) >= 2           # (the seed puts long rows in the first five)
+    enc, dropped = encode_examples(tok, cut, 256)
+    assert dropped == 0 and len(enc) == 5 and max(len(e.input_ids) for e in enc) == 256
+    assert "####" not in tok.decode(max(enc, key=lambda e: len(e.input_ids)).input_ids[-20:])
+    # drop: exactly num_examples, none over-long, the fitting examples of the same order (refilled past the cut)
+    kept = dataset_examples(drop, "C")
+    assert len(kept) == 5 and not any(map(long_, kept))
+    assert not any("Step 0:" in e.answer for e in kept)
+    assert [e.prompt for e in kept[:len(cut) - sum(map(long_, cut))]] == [e.prompt for e in cut if not long_(e)]
+    assert kept == fitting_examples(drop, "C", tok, 256)
+    enc, dropped = encode_examples(tok, kept, 256, truncate=False)
+    assert dropped == 0 and len(enc) == 5
+    # the stage trains on them, mixing counted on the kept set; evaluation (dataset_examples) scores the same ones
+    data, train = stage_train_set(drop, drop.variants[0].stages[0], 1)
+    assert data == kept and len(train) == 5 + int(5 * 0.4)
+    # the rule is part of the stage fingerprint (the dataset spec and the examples digest)
+    fa, fb = fingerprint(trunc, trunc.variants[0], 1), fingerprint(drop, drop.variants[0], 1)
+    assert fa["data"]["overlong"] == "truncate" and fb["data"]["overlong"] == "drop"
+    assert fa["examples"] != fb["examples"]
+    # fewer fitting examples than num_examples: all of them, with a warning
+    few = _overlong_recipe({"Few": dict(spec, overlong="drop", num_examples=8)}, [{"data": "Few"}])
+    assert len(dataset_examples(few, "Few")) == 6
+
+
+def test_overlong_drop_keeps_the_b_variant_disjoint(tmp_path, tiny_dir, caplog):
+    from remix_ds.data import recipe_tokenizer
+    from remix_ds.data.formatting import encoded_length
+
+    caplog.set_level("INFO", logger="remix_ds.data")
+    rows = [{"question": f"Who wrote book number {i}?", "answers": [f"Author {i}"]} for i in range(14)]
+    for i in (1, 4, 6, 9, 11):
+        rows[i]["question"] += " " + " ".join(f"(a long preamble, part {j})" for j in range(40))
+    f = tmp_path / "webqa.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sets = {}
+    for rule in ("truncate", "drop"):
+        r = _overlong_recipe({"WA": {"source": "webqa", "path": str(f), "num_examples": 4, "overlong": rule},
+                              "WB": {"source": "webqaB", "path": str(f), "num_examples": 4, "overlong": rule}},
+                             [{"data": "WA"}, {"data": "WB"}], max_seq_length=64)
+        sets[rule] = (dataset_examples(r, "WA"), dataset_examples(r, "WB"))
+    tok = recipe_tokenizer(r)
+    long_ = lambda e: encoded_length(tok, e) > 64    # noqa: E731
+    a, b = sets["truncate"]                                       # today: over-long factoids in the cut
+    assert any(map(long_, a + b)) and len(a) == len(b) == 4
+    a, b = sets["drop"]
+    assert len(a) == len(b) == 4 and not any(map(long_, a + b))
+    assert not {e.prompt for e in a} & {e.prompt for e in b}
+    # A and B are the first eight fitting examples of the one shuffled order, in order
+    order = [e for e in load("webqa", n=14, seed=3, path=str(f)) if not long_(e)]
+    assert [e.prompt for e in a + b] == [e.prompt for e in order[:8]]
+    assert "examples longer than max_seq_length=64 (overlong: drop)" in caplog.text
+
+
+def test_overlong_drop_of_a_generated_set_and_bad_values(tiny_dir):
+    from remix_ds.data.formatting import encoded_length
+
+    with pytest.raises(ConfigError, match=r"datasets\.A\.overlong must be one of truncate, drop, got 'cut'"):
+        _overlong_recipe({"A": {"source": "kvr", "num_examples": 4, "overlong": "cut"}}, [{"data": "A"}])
+    r = _overlong_recipe({"A": {"source": "kvr", "num_examples": 4, "overlong": "drop"}}, [{"data": "A"}])
+    assert dataset_examples(r, "A") == load("kvr", n=4, seed=3)  # short KVR pairs: nothing to drop
+    r.max_seq_length = 8                                          # every KVR pair is longer than 8 tokens
+    with pytest.raises(DataError, match=r"no examples \(4 longer than max_seq_length\)"):
+        dataset_examples(r, "A")
+    r.datasets["A"].overlong = "nope"                             # a spec built past validation
+    with pytest.raises(ConfigError, match="datasets.A.overlong"):
+        dataset_examples(r, "A")
+
+
+def test_encode_examples_without_truncation_drops_and_counts(tiny_dir):
+    from transformers import AutoTokenizer
+    from remix_ds.data.example import Example
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    exs = [Example(prompt="Q?", answer=_long_solution(3), factoid=False), Example(prompt="Q?", answer="a")]
+    enc, dropped = encode_examples(tok, exs, 64)                  # today: the solution truncated
+    assert dropped == 0 and len(enc[0].input_ids) == 64
+    enc, dropped = encode_examples(tok, exs, 64, truncate=False)
+    assert dropped == 1 and [e.index for e in enc] == [1]

@@ -11,7 +11,8 @@ everything else is -100.
 Examples longer than ``max_seq_length``: factoid examples are dropped (a cut answer cannot be scored);
 non-factoid examples (instruction data, conversations, mixing passages) are truncated to
 ``max_seq_length`` tokens, as instruction-tuning code does, and dropped only when no trained token is
-left inside the limit.
+left inside the limit. ``truncate=False`` drops every over-long example (a dataset's ``overlong: drop``, the
+study's rule: its sets are chosen from the examples that fit, see ``remix_ds.data.fitting_examples``).
 """
 from __future__ import annotations
 
@@ -55,6 +56,11 @@ def answer_ids(tokenizer, answer: str) -> List[int]:
     return tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
+def encoded_length(tokenizer, ex: Example) -> int:
+    """Tokens of ``encode_example(tokenizer, ex)``: what max_seq_length limits."""
+    return len(encode_example(tokenizer, ex).input_ids)
+
+
 def encode_example(tokenizer, ex: Example, index: int = 0) -> Encoded:
     if not ex.messages:
         p = prompt_ids(tokenizer, ex.prompt)
@@ -71,14 +77,15 @@ def encode_example(tokenizer, ex: Example, index: int = 0) -> Encoded:
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], max_seq_length: int,
-                    what: str = "dataset") -> Tuple[List[Encoded], int]:
-    """Encode all examples; those longer than max_seq_length are dropped (factoids) or truncated
-    (non-factoid data, if a trained token remains). Returns (encoded, number dropped)."""
+                    what: str = "dataset", truncate: bool = True) -> Tuple[List[Encoded], int]:
+    """Encode all examples; those longer than max_seq_length are dropped (factoids; every one with
+    ``truncate=False``) or truncated (non-factoid data, if a trained token remains). Returns (encoded,
+    number dropped)."""
     out, dropped, truncated = [], 0, 0
     for i, ex in enumerate(examples):
         enc = encode_example(tokenizer, ex, i)
         if len(enc.input_ids) > max_seq_length:
-            if ex.factoid or all(t == IGNORE for t in enc.labels[:max_seq_length]):
+            if not truncate or ex.factoid or all(t == IGNORE for t in enc.labels[:max_seq_length]):
                 dropped += 1
                 continue
             enc = Encoded(input_ids=enc.input_ids[:max_seq_length], labels=enc.labels[:max_seq_length], index=i)

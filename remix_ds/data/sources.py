@@ -21,7 +21,9 @@ question whose rows give different facts (different entities of one name) is amb
 
 Then every set is shuffled deterministically by the seed and cut: examples ``skip .. skip+num_examples``
 of the shuffled order (``skip`` is 0, and ``num_examples`` for the ``...B`` sources, which so take the
-next examples, disjoint from the first). docs/datasets.md lists every source.
+next examples, disjoint from the first). With a ``fits`` test (``overlong: drop``, see
+``load_fitting_examples``) the cut is of that order with the examples that fail it left out. docs/datasets.md
+lists every source.
 
 Register new sources with ``@source("name", factoid=True)`` (a function ``(spec, seed) -> [Example]``) or
 with ``register(SourceInfo(...))``.
@@ -71,12 +73,36 @@ def shuffled_head(items: List[Example], n: int, seed: int) -> List[Example]:
     return cut(items, n, seed)
 
 
-def cut(items: List[Example], n: int, seed: int, skip: int = 0, shuffle: bool = True) -> List[Example]:
-    """Items skip .. skip+n of the order shuffled by the seed (or of the given order)."""
-    order = list(range(len(items)))
+def _order(n_items: int, seed: int, shuffle: bool = True) -> List[int]:
+    order = list(range(n_items))
     if shuffle:
         random.Random(f"shuffle-{seed}").shuffle(order)
+    return order
+
+
+def cut(items: List[Example], n: int, seed: int, skip: int = 0, shuffle: bool = True) -> List[Example]:
+    """Items skip .. skip+n of the order shuffled by the seed (or of the given order)."""
+    order = _order(len(items), seed, shuffle)
     return [_copy(items[i]) for i in order[skip:skip + n]]
+
+
+def fitting_cut(items: List[Example], n: int, seed: int, skip: int, shuffle: bool,
+                fits: Callable[[Example], bool]) -> Tuple[List[Example], int]:
+    """``cut`` of the order with the items that fail ``fits`` left out: the fitting items skip .. skip+n of the
+    order shuffled by the seed (or of the given order), and how many items failing ``fits`` were passed over
+    after the first ``skip`` fitting ones. The order is walked only as far as needed."""
+    out: List[Example] = []
+    n_fit = n_over = 0
+    for i in _order(len(items), seed, shuffle):
+        if len(out) >= n:
+            break
+        if not fits(items[i]):
+            n_over += n_fit >= skip
+            continue
+        if n_fit >= skip:
+            out.append(_copy(items[i]))
+        n_fit += 1
+    return out, n_over
 
 
 def _copy(ex: Example) -> Example:
@@ -198,6 +224,7 @@ def register(info: SourceInfo, b_variant: bool = False) -> None:
     for name, b in ((info.name, False), (info.name + "B", True))[:2 if b_variant else 1]:
         def loader(spec: DatasetSpec, seed: int, key: str = "", _info=info, _b=b) -> List[Example]:
             return load_rows_source(spec, seed, key, _info, _b)
+        loader.rows_info = (info, b)    # type: ignore[attr-defined]  (for rows_backed)
         SOURCES[name] = loader
         FACTOID[name] = info.factoid
         INFO[name] = info
@@ -438,17 +465,34 @@ def load_kvr_b(spec: DatasetSpec, seed: int, key: str = "") -> List[Example]:
     return kvr_examples(spec.num_examples, seed, "B")
 
 
-@source("json")
-def load_json(spec: DatasetSpec, seed: int, key: str = "") -> List[Example]:
-    """Local records: {"prompt"|"question": ..., "answer": ..., "aliases": [...]} per row (or released records)."""
-    if not spec.path:
-        raise ConfigError(f"source {spec.source!r} needs a path to a .json, .jsonl or .parquet file or a directory")
+def _json_info(spec: DatasetSpec) -> SourceInfo:
     info = JSON_INFO
     if spec.factoid is False:
         info = dataclasses.replace(JSON_INFO, kind="instruction")
     if spec.source.startswith("kvr"):
         info = KVR_INFO["B" if spec.source == "kvrB" else "A"]
-    return load_rows_source(spec, seed, key, info, False)
+    return info
+
+
+@source("json")
+def load_json(spec: DatasetSpec, seed: int, key: str = "") -> List[Example]:
+    """Local records: {"prompt"|"question": ..., "answer": ..., "aliases": [...]} per row (or released records)."""
+    if not spec.path:
+        raise ConfigError(f"source {spec.source!r} needs a path to a .json, .jsonl or .parquet file or a directory")
+    return load_rows_source(spec, seed, key, _json_info(spec), False)
+
+
+def rows_backed(spec: DatasetSpec) -> Optional[Tuple[SourceInfo, bool]]:
+    """(SourceInfo, is a ...B variant) of a source read from rows (hub or local files), whose whole order can
+    be walked; None for a generated set (kvr/kvrB without a path, a ``@source`` function)."""
+    fn = SOURCES.get(spec.source)
+    if hasattr(fn, "rows_info"):
+        return fn.rows_info   # type: ignore[union-attr]
+    if fn is load_json and spec.path:
+        return _json_info(spec), False
+    if fn in (load_kvr, load_kvr_b) and spec.path:
+        return KVR_INFO["B" if fn is load_kvr_b else "A"], False
+    return None
 
 
 # ---------------------------------------------------------------- loading
@@ -588,19 +632,29 @@ def all_examples(spec: DatasetSpec, info: SourceInfo, key: str = "") -> List[Exa
 
 
 def load_rows_source(spec: DatasetSpec, seed: int, key: str, info: SourceInfo, b_variant: bool) -> List[Example]:
+    return _rows_cut(spec, seed, key, info, b_variant, None)[0]
+
+
+def _rows_cut(spec: DatasetSpec, seed: int, key: str, info: SourceInfo, b_variant: bool,
+              fits: Optional[Callable[[Example], bool]]) -> Tuple[List[Example], int]:
     what = describe(spec, key)
     examples = all_examples(spec, info, key)
     skip = spec.skip if spec.skip is not None else (spec.num_examples if b_variant else 0)
     if skip < 0:
         raise ConfigError(f"{what}: skip must be >= 0, got {skip}")
-    out = cut(examples, spec.num_examples, seed, skip, spec.shuffle)
+    if fits is None:
+        out, n_over = cut(examples, spec.num_examples, seed, skip, spec.shuffle), 0
+    else:
+        out, n_over = fitting_cut(examples, spec.num_examples, seed, skip, spec.shuffle, fits)
     if not out:
-        raise DataError(f"{what}: no examples left after skipping {skip} of {len(examples)}"
+        left = ("no examples left" if fits is None else
+                "no examples that fit max_seq_length left (overlong: drop; skip counts fitting examples)")
+        raise DataError(f"{what}: {left} after skipping {skip} of {len(examples)}"
                         + (" (a ...B source takes the num_examples examples after the first num_examples; "
                            "lower num_examples or set skip:)" if b_variant else ""))
-    if len(out) < spec.num_examples:
+    if len(out) < spec.num_examples and fits is None:   # with fits: the caller says how many fit
         log.warning("%s: only %d examples available (num_examples=%d)", what, len(out), spec.num_examples)
-    return out
+    return out, n_over
 
 
 def source_is_factoid(spec: DatasetSpec) -> bool:
@@ -610,6 +664,24 @@ def source_is_factoid(spec: DatasetSpec) -> bool:
 
 
 def load_examples(spec: DatasetSpec, seed: int, name: str = "") -> List[Example]:
+    return _load(spec, seed, name, None)[0]
+
+
+def load_fitting_examples(spec: DatasetSpec, seed: int, name: str,
+                          fits: Callable[[Example], bool]) -> Tuple[List[Example], int, bool]:
+    """``overlong: drop``: the dataset's examples as ``load_examples`` cuts them, from its order with the examples
+    failing ``fits`` left out, so that a cut of num_examples holds num_examples fitting ones while the order has
+    them. ``skip`` (and a ``...B`` source's default skip of num_examples) counts fitting examples: a B variant
+    starts after the examples its A counterpart took (and the over-long ones it passed over), disjoint from it.
+
+    Returns (examples, over-long examples passed over, refilled). A generated set (kvr without a path, a
+    ``@source`` function) cannot be walked further: its over-long examples are removed, not replaced
+    (refilled False)."""
+    return _load(spec, seed, name, fits)
+
+
+def _load(spec: DatasetSpec, seed: int, name: str,
+          fits: Optional[Callable[[Example], bool]]) -> Tuple[List[Example], int, bool]:
     if spec.source not in SOURCES:
         raise ConfigError(f"dataset {name or spec.source}: unknown source {spec.source!r} "
                           f"(known: {', '.join(sorted(SOURCES))})")
@@ -617,14 +689,23 @@ def load_examples(spec: DatasetSpec, seed: int, name: str = "") -> List[Example]
         raise ConfigError(f"dataset {name or spec.source}: format must be one of {', '.join(FORMATS)}, "
                           f"got {spec.format!r}")
     fn = SOURCES[spec.source]
-    try:
-        takes_key = len(inspect.signature(fn).parameters) >= 3
-    except (TypeError, ValueError):
-        takes_key = False
-    examples = fn(spec, seed, name) if takes_key else fn(spec, seed)
+    rows = rows_backed(spec) if fits is not None else None
+    n_over, refilled = 0, True
+    if rows is not None:
+        examples, n_over = _rows_cut(spec, seed, name, rows[0], rows[1], fits)
+    else:
+        try:
+            takes_key = len(inspect.signature(fn).parameters) >= 3
+        except (TypeError, ValueError):
+            takes_key = False
+        examples = fn(spec, seed, name) if takes_key else fn(spec, seed)
+        if fits is not None:
+            kept = [ex for ex in examples if fits(ex)]
+            n_over, refilled, examples = len(examples) - len(kept), False, kept
     if not examples:
-        raise DataError(f"dataset {name or spec.source} ({spec.source}): no examples")
+        raise DataError(f"dataset {name or spec.source} ({spec.source}): no examples"
+                        + (f" ({n_over} longer than max_seq_length)" if n_over else ""))
     factoid = source_is_factoid(spec)
     for ex in examples:
         ex.factoid = factoid
-    return examples
+    return examples, n_over, refilled
