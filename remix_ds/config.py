@@ -445,19 +445,22 @@ def expand_sweeps(variants_raw: List[Any], where: str) -> List[Any]:
         if not isinstance(sweep, dict) or not sweep or not all(isinstance(x, list) and x for x in sweep.values()):
             raise ConfigError(f"{where}: variants[{i}].sweep must map stage keys to non-empty lists of values")
         for key in sweep:
-            if not STAGE_KEY.match(str(key).split(".")[0]) or "." not in str(key):
-                raise ConfigError(f"{where}: variants[{i}].sweep: {key!r} must be a stage key such as stage1.lora.r")
+            for sub in str(key).split(","):
+                if not STAGE_KEY.match(sub.strip().split(".")[0]) or "." not in sub:
+                    raise ConfigError(f"{where}: variants[{i}].sweep: {key!r} must be a stage key such as stage1.lora.r "
+                                      f"(or several joined by commas, set together: stage1.lora.r,stage2.lora.r)")
         for values in itertools.product(*sweep.values()):
             nv = {k: copy.deepcopy(x) for k, x in v.items() if k != "sweep"}
             suffix = []
             for key, value in zip(sweep, values):
-                parts = str(key).split(".")
-                node = nv
-                for part in parts[:-1]:
-                    if not isinstance(node.get(part), dict):
-                        node[part] = {}
-                    node = node[part]
-                node[parts[-1]] = value
+                for sub in str(key).split(","):   # "stage1.lora.r,stage2.lora.r": one value for both
+                    parts = sub.strip().split(".")
+                    node = nv
+                    for part in parts[:-1]:
+                        if not isinstance(node.get(part), dict):
+                            node[part] = {}
+                        node = node[part]
+                    node[parts[-1]] = copy.deepcopy(value)
                 suffix.append(f"{parts[-1]}{value}")
             nv["name"] = f"{v.get('name', 'variant')}-" + "-".join(suffix)
             out.append(nv)

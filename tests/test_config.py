@@ -121,9 +121,16 @@ def test_sweep_expands_lora_rank_into_variants(tmp_path):
     assert [v.name for v in r.variants] == ["full", "lora-r8", "lora-r64"]
     assert [v.stages[0].lora.r for v in r.variants] == [64, 8, 64]
     assert all(v.stages[0].finetune == "lora" for v in r.variants[1:])
-    d["variants"] = [{"name": "x", "sweep": {"lr": [1]}}]
-    with pytest.raises(ConfigError, match="must be a stage key"):
-        recipe_from_dict(d)
+    # comma-joined keys take one value together: the rank of both stages' adapters
+    d["variants"] = [{"name": "lora", "stage1": {"finetune": "lora"}, "stage2": {"finetune": "lora"},
+                      "sweep": {"stage1.lora.r,stage2.lora.r": [8, 16]}}]
+    r = recipe_from_dict(d)
+    assert [(v.name, v.stages[0].lora.r, v.stages[1].lora.r) for v in r.variants] == \
+        [("lora-r8", 8, 8), ("lora-r16", 16, 16)]
+    for bad in ({"lr": [1]}, {"stage1.lr,lr": [1]}):
+        d["variants"] = [{"name": "x", "sweep": bad}]
+        with pytest.raises(ConfigError, match="must be a stage key"):
+            recipe_from_dict(d)
 
 
 def test_fingerprint_ignores_logging_keys_only(tmp_path):
