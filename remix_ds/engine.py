@@ -371,7 +371,11 @@ class Engine:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, root: str, tag: str, client_state: Dict[str, Any], marker: Dict[str, Any]) -> None:
         """A DeepSpeed checkpoint (model, optimizer, scheduler; every rank writes its partition), then a
-        completion marker written by rank 0 once every rank has finished."""
+        completion marker written by rank 0 once every rank has finished. The GradScaler of fp16 autocast
+        without ZeRO (which DeepSpeed's checkpoint leaves out) goes into the client state."""
+        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        if scaler is not None:
+            client_state = {**client_state, "grad_scaler": scaler.state_dict()}
         self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
         dist.barrier()
         if dist.is_main():
@@ -383,6 +387,9 @@ class Engine:
                                                       load_lr_scheduler_states=True)
         if client_state is None:
             raise RuntimeError(f"could not load checkpoint {root}/{tag}")
+        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        if scaler is not None and client_state.get("grad_scaler"):
+            scaler.load_state_dict(client_state["grad_scaler"])
         return client_state
 
     # ------------------------------------------------------------------ saving

@@ -198,3 +198,35 @@ def test_lora_without_zero_clips_gradients_as_deepspeed_zero2_does(tmp_path, tin
     differ = sum(int(((adapter["stage0"][k] - adapter["zero2"][k]).abs() > 1e-4).sum()) for k in adapter["stage0"])
     assert differ <= 0.01 * total, (differ, total)
     assert abs(loss["noclip"][-1] - loss["stage0"][-1]) > 1e-3, loss
+
+
+def test_checkpoints_carry_the_fp16_autocast_grad_scaler(tmp_path):
+    """fp16 LoRA without ZeRO: DeepSpeed's GradScaler is not in its checkpoint; Engine keeps its scale and
+    growth tracker in the client state and restores them (a resume would otherwise restart at 65536)."""
+    import torch
+
+    from remix_ds.engine import Engine
+
+    class FakeDS:   # the two DeepSpeed calls Engine makes, and the scaler DeepSpeed keeps
+        def __init__(self):
+            self.torch_autocast_z0_gradscaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+            self.saved = None
+
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            self.saved = client_state
+            (tmp_path / tag).mkdir(exist_ok=True)
+
+        def load_checkpoint(self, root, tag, load_optimizer_states, load_lr_scheduler_states):
+            return None, self.saved
+
+    eng = Engine.__new__(Engine)
+    eng.engine = FakeDS()
+    eng.engine.torch_autocast_z0_gradscaler.scale(torch.ones(()))      # the scaler starts with the first step
+    eng.engine.torch_autocast_z0_gradscaler.update(new_scale=512.0)   # as after some overflows
+    eng.save_checkpoint(str(tmp_path), "step1", {"loop": {"step": 1}}, marker={"step": 1})
+    assert eng.engine.saved["loop"] == {"step": 1} and "grad_scaler" in eng.engine.saved
+    fresh = FakeDS()
+    fresh.saved = eng.engine.saved
+    eng.engine = fresh
+    state = eng.load_checkpoint(str(tmp_path), "step1")
+    assert state["loop"] == {"step": 1} and fresh.torch_autocast_z0_gradscaler.get_scale() == 512.0
