@@ -85,10 +85,14 @@ def split_variants(values: Optional[List[str]], recipe=None) -> Optional[List[st
 
 # ---------------------------------------------------------------- entry points (launch/*.py call these)
 
-def add_dry_run(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_dry_run(p: argparse.ArgumentParser, report_only: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", "-n", action="store_true",
                    help="check the recipe and its data, print what would be trained, resumed, kept or scored "
                         "(and why), and stop: nothing is trained or written")
+    if report_only:
+        p.add_argument("--report-only", action="store_true",
+                       help="rewrite the report from the finished, current results of the variants (all, or "
+                            "--variant); nothing is trained or scored")
     return p
 
 
@@ -106,8 +110,8 @@ def print_plan(recipe, variants, stages=None) -> None:
 
 def pipeline_main(argv: Optional[List[str]] = None) -> None:
     args = add_dry_run(recipe_parser("Run every stage of every variant of a recipe, evaluate, and write the "
-                                     "forgetting report. With no --config, runs the bundled demo.")
-                       ).parse_intermixed_args(argv)
+                                     "forgetting report. With no --config, runs the bundled demo."),
+                       report_only=True).parse_intermixed_args(argv)
 
     def run():
         setup_logging()
@@ -120,6 +124,12 @@ def pipeline_main(argv: Optional[List[str]] = None) -> None:
         if args.dry_run:
             names = split_variants(args.variant, recipe)
             print_plan(recipe, [recipe.variant(n) for n in names] if names else recipe.variants)
+            return
+        if args.report_only:
+            from .pipeline import report_only
+            report = report_only(recipe, split_variants(args.variant, recipe))
+            print(markdown_table(report))
+            print(f"\nreport: {os.path.join(recipe.output_dir, 'report.md')}")
             return
         dist.init()
         report = run_pipeline(recipe, split_variants(args.variant, recipe))

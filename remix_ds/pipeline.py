@@ -319,10 +319,38 @@ def run_pipeline(recipe: Recipe, variant_names: Optional[List[str]] = None, stag
                     rows[v.name] = variant_row(recipe, v, stored)
         rows = {v.name: rows[v.name] for v in recipe.variants if v.name in rows}
     rows = list(rows.values())
-    report = {"recipe": recipe.name, "output_dir": recipe.output_dir, "world_size": dist.world_size(),
-              "precision": resolve_precision(recipe.precision), "ds_config": recipe.ds_config,
-              "num_stages": recipe.num_stages, "variants": rows}
+    report = report_dict(recipe, rows, dist.world_size())
     if rows and dist.is_main():
         write_report(report, recipe.output_dir)
     dist.barrier()
+    return report
+
+
+def report_dict(recipe: Recipe, rows: List[Dict[str, Any]], world_size: int) -> Dict[str, Any]:
+    return {"recipe": recipe.name, "output_dir": recipe.output_dir, "world_size": world_size,
+            "precision": resolve_precision(recipe.precision), "ds_config": recipe.ds_config,
+            "num_stages": recipe.num_stages, "variants": rows}
+
+
+def report_only(recipe: Recipe, variant_names: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Rewrite report.json / report.md / forgetting.png from the finished, current results of the variants
+    (all, or those named) without training or scoring anything; variants not finished are listed and left out."""
+    from .report import write_report
+
+    variants = [recipe.variant(n) for n in variant_names] if variant_names else recipe.variants
+    rows, missing = [], []
+    for v in variants:
+        stored = stored_results(recipe, v)
+        if stored is None:
+            missing.append(v.name)
+        else:
+            rows.append(variant_row(recipe, v, stored))
+    if not rows:
+        raise ConfigError(f"no variant of {recipe.source_file or recipe.name} has finished, current results in "
+                          f"{recipe.output_dir} (see --dry-run)")
+    if missing:
+        log.warning("left out of the report (not finished, or of another config): %s", ", ".join(missing))
+    cfg = _read_json(stage_dir(recipe, recipe.variant(rows[0]["name"]), 1) / "config.json") or {}
+    report = report_dict(recipe, rows, cfg.get("world_size", 1))
+    write_report(report, recipe.output_dir)
     return report

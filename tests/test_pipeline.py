@@ -156,3 +156,17 @@ def test_dry_run_says_what_would_run_and_why_without_running(run):
     assert rows[("full", "2")] == ["retrain", "changed stage keys: epochs 1 -> 2", "to score: A, B"]
     assert rows[("lora", "1")][0] == rows[("lora", "2")][0] == "complete"
     assert {p: os.path.getmtime(p) for p in out.rglob("DONE.json")} == marks
+
+
+def test_report_only_rewrites_the_report_from_finished_results(run):
+    """--report-only: no training, no scoring; variants whose results are not current are left out."""
+    out, recipe, _ = run
+    (out / "report.md").unlink()
+    marks = {p: os.path.getmtime(p) for p in out.rglob("*.json") if "eval" in p.parts or p.name == "DONE.json"}
+    res = run_cli([sys.executable, "launch/pipeline.py", "--report-only", "--config", str(recipe)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.load(open(out / "report.json"))
+    # full's stage 2 was last trained with other settings (epochs 1): only lora is current
+    assert [v["name"] for v in report["variants"]] == ["lora"] and (out / "report.md").exists()
+    assert "left out of the report (not finished, or of another config): full" in res.stderr
+    assert {p: os.path.getmtime(p) for p in marks} == marks
