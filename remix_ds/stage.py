@@ -419,8 +419,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         cs = eng.load_checkpoint(str(ckpt_root), resume_tag)
         state.update(cs["loop"])
         torch.set_rng_state(cs["rng"])
-        if torch.cuda.is_available() and len(cs.get("cuda_rng", ())) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cs["cuda_rng"])
+        if torch.cuda.is_available() and len(cs.get("cuda_rng", ())) == world:   # each rank its own device's
+            torch.cuda.set_rng_state(cs["cuda_rng"][rank])
         if dist.is_main():
             truncate_log(out / "train_log.jsonl", state["step"])
             log.info("%s/stage%d: resumed from checkpoint %s (step %d, epoch %d)", variant.name, k, resume_tag,
@@ -465,8 +465,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                 tb.flush()   # a resume starts after this step: events up to it must be on disk
         dist.barrier()   # no rank starts writing the new tag while rank 0 removes incomplete ones
         client = {"loop": loop, "rng": torch.get_rng_state()}
-        if torch.cuda.is_available():   # LoRA dropout on a GPU draws from the CUDA generator
-            client["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available():   # LoRA dropout on a GPU draws from each rank's CUDA generator
+            client["cuda_rng"] = dist.all_gather_object(torch.cuda.get_rng_state())
         eng.save_checkpoint(str(ckpt_root), f"step{step}", client, marker={"step": step, "hash": h, **layout})
         if dist.is_main() and spec.keep_checkpoints == 1:
             prune_checkpoints(ckpt_root, 1)
