@@ -251,3 +251,16 @@ def test_variant_patterns_select_a_whole_sweep(tmp_path):
     assert split_variants(["full,lora-r1?", "full"], r) == ["full", "lora-r16"]
     with pytest.raises(ConfigError, match="'qlora-\\*' matches no variant; known: full, lora-r8, lora-r16"):
         split_variants(["qlora-*"], r)
+
+
+def test_bundled_tiny_remix_recipe_is_valid_and_holds_its_controls():
+    """docs/tiny_remix.md's recipe: each mixed setting beside a no-mix control, and the matched-stage-1 pairs."""
+    import os
+
+    r = load_recipe(os.path.join(os.path.dirname(DEMO_RECIPE), "tiny_remix.yaml"))
+    by = {v.name: v for v in r.variants}
+    assert len(by) == 10 and all(v.stages[1].lr == 2e-4 for v in r.variants)
+    assert by["full"].stages[0].mix is None and by["mix1-r1"].stages[0].mix.ratio == 1.0
+    for name in ("full-s1fixed53", "mix1-r1-s1fixed53"):
+        assert (by[name].stages[0].stop, by[name].stages[0].epochs) == ("fixed", 53)
+    assert by["mix12-r1"].stages[1].mix is not None and by["mix1-r1"].stages[1].mix is None
