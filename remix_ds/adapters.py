@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .engine import atomic_save
 from .errors import ConfigError
+from .model import is_adapter_dir
 
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
@@ -43,10 +44,9 @@ def local_model_dir(path: str) -> str:
 
 
 def _adapter_tensors(adapter_dir: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]]:
-    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(cfg_path):
+    if not is_adapter_dir(adapter_dir):
         raise ConfigError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
-    cfg = json.load(open(cfg_path))
+    cfg = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
     if cfg.get("use_dora"):
         raise ConfigError(f"{adapter_dir}: DoRA adapters are not supported by the streaming merge")
     path = os.path.join(adapter_dir, "adapter_model.safetensors")
@@ -101,16 +101,17 @@ def streaming_merge(base_dir: str, adapter_dir, out_dir: str, dtype: Optional[to
     dtype) and put through the same NF4 round trip before the adapter goes in."""
     if not os.path.isdir(base_dir):
         raise ConfigError(f"base {base_dir!r}: not a local model directory")
-    if os.path.isfile(os.path.join(base_dir, "adapter_config.json")):
+    if is_adapter_dir(base_dir):
         raise ConfigError(f"base {base_dir!r} is an adapter directory: give the base model first, then the adapter")
     adapter_dirs = [adapter_dir] if isinstance(adapter_dir, (str, os.PathLike)) else list(adapter_dir)
-    recorded = _adapter_tensors(str(adapter_dirs[0]))[0].get("base_model_name_or_path")
-    if recorded and os.path.isdir(recorded) and os.path.realpath(recorded) != os.path.realpath(base_dir):
-        log.warning("%s was trained on %s, not on %s: merging into another base than its own", adapter_dirs[0],
-                    recorded, base_dir)
     pairs: Dict[str, list] = {}
-    for ad in adapter_dirs:
-        for key, pair in _adapter_tensors(str(ad))[1].items():
+    for i, ad in enumerate(adapter_dirs):
+        cfg, tensors = _adapter_tensors(str(ad))
+        recorded = cfg.get("base_model_name_or_path")
+        if i == 0 and recorded and os.path.isdir(recorded) and os.path.realpath(recorded) != os.path.realpath(base_dir):
+            log.warning("%s was trained on %s, not on %s: merging into another base than its own", ad, recorded,
+                        base_dir)
+        for key, pair in tensors.items():
             pairs.setdefault(key, []).append(pair)
     adapter_dir = str(adapter_dirs[-1])
     files, index = _shards(base_dir)

@@ -303,8 +303,8 @@ def analyze_main(argv: Optional[List[str]] = None) -> None:
         recipe = load_recipe(args.config, args.overrides)
         dist.init()
         res = analyze(recipe, split_variants(args.variant, recipe), args.stage, dataset=args.dataset,
-                      adapter=args.adapter, batch_size=args.batch_size or recipe.eval.batch_size, max_examples=args.max_examples,
-                      out_dir=args.out)
+                      adapter=args.adapter, batch_size=args.batch_size or recipe.eval.batch_size,
+                      max_examples=args.max_examples, out_dir=args.out)
         if dist.is_main():
             print(markdown(res))
             print(f"written to {args.out or os.path.join(recipe.output_dir, 'analysis')}")

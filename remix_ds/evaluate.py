@@ -86,9 +86,16 @@ def generate_token_ids(model, tokenizer, prompts: Sequence[str], batch_size: int
     Batched with left padding, longest prompts first. ``n_batches``: run exactly this many ``generate``
     calls (dummy ones when this rank has no prompts left), for ranks that must stay in step.
     """
+    return generate_from_ids(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], batch_size,
+                             max_new_tokens, device, progress, n_batches)
+
+
+def generate_from_ids(model, tokenizer, ids: Sequence[List[int]], batch_size: int, max_new_tokens: int,
+                      device: torch.device, progress: bool = False, n_batches: Optional[int] = None
+                      ) -> List[List[int]]:
+    """``generate_token_ids`` for prompts already tokenised (e.g. with few-shot turns before the question)."""
     pad = pad_id_of(tokenizer)
     eos = tokenizer.eos_token_id
-    ids = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     starts = list(range(0, len(order), batch_size))
     if n_batches is not None:

@@ -188,31 +188,6 @@ def teacher_forced_encoded(tokenizer, examples, prompt_rows: Sequence[List[int]]
 
 # ------------------------------------------------------------------ scoring
 
-def generate_from_ids(model, tokenizer, rows: Sequence[List[int]], batch_size: int, max_new_tokens: int,
-                      device) -> List[str]:
-    """Greedy continuations of prompts given as token ids (cut after the first EOS), as text. The batching of
-    ``evaluate.generate`` (left padding, longest prompts first); one process."""
-    import torch
-
-    from .data.formatting import collate_prompts, pad_id_of
-    from .evaluate import decode
-
-    pad, eos = pad_id_of(tokenizer), tokenizer.eos_token_id
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    out: List[str] = [""] * len(rows)
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate_prompts([rows[i] for i in chunk], pad).items()}
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=pad, eos_token_id=eos, use_cache=True)
-            for i, row in zip(chunk, gen[:, batch["input_ids"].shape[1]:].tolist()):
-                if eos in row:
-                    row = row[:row.index(eos) + 1]
-                out[i] = decode(tokenizer, row)
-    return out
-
-
 def score_known(model, tokenizer, examples, *, scorer: str = "generate", match: str = "alias",
                 batch_size: int = 64, max_new_tokens: Optional[int] = None, device=None, shots: int = 0,
                 shots_seed: int = 0, predict_fn: Optional[Callable] = None
@@ -222,7 +197,7 @@ def score_known(model, tokenizer, examples, *, scorer: str = "generate", match: 
     ``shots``: solved demonstrations before each question (``pick_demonstrations``). ``predict_fn``: the
     teacher-forced forward pass (default: ``evaluate.model_predict_fn`` of the model)."""
     from .data.formatting import pad_id_of
-    from .evaluate import default_max_new_tokens, model_predict_fn, teacher_forced_scores
+    from .evaluate import decode, default_max_new_tokens, generate_from_ids, model_predict_fn, teacher_forced_scores
 
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
@@ -234,7 +209,8 @@ def score_known(model, tokenizer, examples, *, scorer: str = "generate", match: 
     if scorer == "generate":
         device = device or next(model.parameters()).device
         max_new = max_new_tokens or default_max_new_tokens(tokenizer, examples)
-        preds = generate_from_ids(model, tokenizer, rows, batch_size, max_new, device)
+        generated = generate_from_ids(model, tokenizer, rows, batch_size, max_new, device)   # (generate: no_grad)
+        preds = [decode(tokenizer, r) for r in generated]
         known = [is_known(p, ex.answer, ex.aliases, ex.source, match) for ex, p in zip(examples, preds)]
         return known, list(preds)
     encoded = teacher_forced_encoded(tokenizer, examples, rows)

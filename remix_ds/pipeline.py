@@ -15,7 +15,7 @@ from .engine import load_ds_config, offloads_params, resolve_precision, torch_dt
 from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
 from .metrics import is_task_source
-from .model import load_for_eval, load_tokenizer
+from .model import is_adapter_dir, load_for_eval, load_tokenizer
 from .stage import (batch_plan, config_change, fingerprint, is_complete, latest_checkpoint, stage_output, read_done,
                     stage_dir, train_stage)
 
@@ -67,7 +67,7 @@ def check_model_dir(model: str, what: str, adapter_ok: bool = False) -> None:
     if "variant" in cfg and "stage" in cfg:
         raise ConfigError(f"{what} {model!r} is a remix_ds stage directory: give the model in it "
                           f"({os.path.join(model, 'model')} or {os.path.join(model, 'merged')})")
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+    if is_adapter_dir(path):
         if adapter_ok:
             return
         raise ConfigError(f"{what} {model!r} is a PEFT adapter, not a model: give the stage's merged/ model, or "
@@ -170,9 +170,9 @@ def stored_results(recipe: Recipe, variant: Variant) -> Optional[List[Dict[str, 
     scorer = check_scorer(getattr(recipe.eval, "scorer", "generate"))
     results = []
     for k in range(1, recipe.num_stages + 1):
-        if not is_complete(recipe, variant, k):
-            return None
         h = stage_hash(fingerprint(recipe, variant, k))
+        if not is_complete(recipe, variant, k, h):
+            return None
         ev = {}
         for key in eval_keys(recipe, variant, k):
             prev = _read_json(stage_dir(recipe, variant, k) / "eval" / f"{key}.json")
@@ -270,7 +270,7 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
         for k in stages or range(1, recipe.num_stages + 1):
             d = stage_dir(recipe, v, k)
             h = stage_hash(fingerprint(recipe, v, k))
-            if is_complete(recipe, v, k) and not upstream_changes:
+            if is_complete(recipe, v, k, h) and not upstream_changes:
                 action, why = "complete", "kept"
                 todo = [key for key in eval_keys(recipe, v, k)
                         if not _eval_is_current(_read_json(d / "eval" / f"{key}.json"), h, recipe, scorer)]

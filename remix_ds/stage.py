@@ -138,9 +138,11 @@ def config_change(recipe: Recipe, variant: Variant, k: int) -> Optional[str]:
            "ds_config, the model, an earlier stage or remix_ds's fingerprint changed"
 
 
-def is_complete(recipe: Recipe, variant: Variant, k: int) -> bool:
+def is_complete(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = None) -> bool:
+    """Stage k's output is there and of its current config (``h``: the stage hash, if the caller has it: the
+    fingerprint loads and hashes the data of every stage up to k)."""
     done = read_done(stage_dir(recipe, variant, k))
-    return bool(done) and done.get("hash") == stage_hash(fingerprint(recipe, variant, k)) \
+    return bool(done) and done.get("hash") == (h or stage_hash(fingerprint(recipe, variant, k))) \
         and os.path.isdir(output_model(recipe, variant, k))
 
 

@@ -720,9 +720,11 @@ def test_filter_shots_demonstrations(tiny_dir, tmp_path, monkeypatch):
         assert encode_example(tok, conv).input_ids[:len(rows[i])] == rows[i]
     assert fu.prompt_token_ids(tok, ex[:3], [[]] * 3) == [prompt_ids(tok, e.prompt) for e in ex[:3]]
     # generate scores exactly these prompts
+    import remix_ds.evaluate as ev
+
     seen = []
-    real = fu.generate_from_ids
-    monkeypatch.setattr(fu, "generate_from_ids", lambda m, t, r, *a: seen.append(r) or real(m, t, r, *a))
+    real = ev.generate_from_ids
+    monkeypatch.setattr(ev, "generate_from_ids", lambda m, t, r, *a: seen.append(r) or real(m, t, r, *a))
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     known, preds = fu.score_known(model, tok, ex, shots=3, max_new_tokens=4)
     assert seen == [rows] and len(known) == len(preds) == n
