@@ -22,10 +22,13 @@
 # cannot lose the other parts' results.
 #
 # Results: JSON lines appended to $OUT/bench.jsonl when OUT is set (else runs/bench.jsonl), the console log
-# beside them (bench_gpu.log), and torch.profiler operator tables of 2 more steps of the 8B LoRA cases
-# (bench.profile-llama-8b-lora-*.txt; BENCH_PROFILE=0: none). Optional: BENCH_OFFLOAD=1 adds full:zero2_offload on the 1B shape (CPU AdamW,
-# slower); BENCH_STEPS / BENCH_WARMUP change the step counts; BENCH_PADDING_WORDS=50 times the padding comparison on
-# the study's default mixing passages (50 + 50 random words) instead of the demo's 8 + 8.
+# beside them (bench_gpu.log), and torch.profiler operator tables of 2 more steps of each training case and of
+# the plain loop it is compared with (bench.profile-<shape>-<case>.txt; BENCH_PROFILE=0: none). Optional:
+# BENCH_OFFLOAD=1 adds full:zero2_offload on the 1B shape (CPU AdamW, slower); BENCH_STEPS / BENCH_WARMUP change
+# the step counts; BENCH_EVAL=0 leaves out the evaluation case; BENCH_PADDING_WORDS / BENCH_PADDING_MIX_RATIO set
+# the padding comparison's passages (default 8 + 8 random words, one per factoid: the demo's mix; with the tiny
+# model's tokenizer, 50 words per half makes ~520-token passages that do not fit 64 x 576 tokens of a 1B
+# model's full fine-tuning in 80 GB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,8 +76,11 @@ run() {  # run LIMIT_SECONDS ARGS...: one bench process under its own time limit
 
 CASES_1B="full:zero2,full:zero3,padding"
 [ "${BENCH_OFFLOAD:-0}" = 1 ] && CASES_1B="full:zero2,full:zero3,full:zero2_offload,padding"
-run 150 --shape llama-1b --cases "$CASES_1B" --padding-mode full --padding-config zero2 --padding-words "${BENCH_PADDING_WORDS:-8}"
-run 270 --shape llama-8b --cases eval,lora:zero2 --profile "${BENCH_PROFILE:-2}"
+PADDING=(--padding-mode full --padding-config zero2 --padding-words "${BENCH_PADDING_WORDS:-8}" --padding-mix-ratio "${BENCH_PADDING_MIX_RATIO:-1}")
+run 150 --shape llama-1b --cases "$CASES_1B" "${PADDING[@]}" --profile "${BENCH_PROFILE:-2}"
+CASES_8B="eval,lora:zero2"
+[ "${BENCH_EVAL:-1}" = 0 ] && CASES_8B="lora:zero2"
+run 270 --shape llama-8b --cases "$CASES_8B" --profile "${BENCH_PROFILE:-2}"
 if [ "${BENCH_QLORA:-1}" = 1 ]; then
     if "$PY" -c "import bitsandbytes" 2>/dev/null; then
         run 150 --shape llama-8b --cases qlora:zero2

@@ -709,6 +709,10 @@ class Bench:
                                                  self.interleave)[0])
                     plain_rec.update(mem.fields())
                 plain_rec["status"] = "ok"
+                if a.profile and not pair and ds_configs:   # profiled now: it is closed before the engines open
+                    plain_profile = profile_steps(plain_case, batches, a.profile, self.device,
+                                                  f"{os.path.splitext(a.out)[0]}.profile-{a.shape}-{mode}-plain.txt")
+                    plain_rec["profile_file"] = plain_profile
             except Exception as e:
                 self._failed(plain_rec, e)
                 self._close(plain_case)
@@ -739,10 +743,10 @@ class Bench:
                     stem = os.path.splitext(a.out)[0]
                     rec["profile_file"] = profile_steps(case, batches, a.profile, self.device,
                                                         f"{stem}.profile-{a.shape}-{mode}-{cfg}.txt")
-                    if plain_case is not None:   # the plain loop's, beside it (profiled once per mode)
-                        if plain_profile is None:
-                            plain_profile = profile_steps(plain_case, batches, a.profile, self.device,
-                                                          f"{stem}.profile-{a.shape}-{mode}-plain.txt")
+                    if plain_case is not None and plain_profile is None:   # the plain loop's, once per mode
+                        plain_profile = profile_steps(plain_case, batches, a.profile, self.device,
+                                                      f"{stem}.profile-{a.shape}-{mode}-plain.txt")
+                    if plain_profile is not None:
                         rec["plain_profile_file"] = plain_profile
                 if ref and ref.get("status") == "ok":
                     rec["ratio_tokens_per_s"] = round(speed(rec) / speed(ref), 4)

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +151,10 @@ def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: in
         # A client torch optimizer steps the offloaded fp32 partitions on the CPU.
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     cfg.setdefault("zero_allow_untested_optimizer", True)
+    # DeepSpeed's throughput timer (on by default) synchronizes the device at the start of every forward
+    # and the end of every step, which stalls the host from queuing the next kernels; the stage logs its own
+    # throughput. A ds_config with its own "timers" block keeps it.
+    cfg.setdefault("timers", {"throughput": {"enabled": False}})
     if adapt:
         cfg = adapter_zero_stage(effective_zero_stage(cfg, world), finetune, precision)
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
@@ -191,6 +195,16 @@ def _answer_logits(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     target = labels[:, 1:]
     keep = target != -100
     return head(hidden[keep]), target[keep], keep
+
+
+def answer_positions(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices into the [B, L-1] positions whose next token is trained, those next tokens), computed
+    where `labels` lies (on the host, before the batch goes to the device): selecting the answer positions
+    by index on the device needs no device-to-host sync, a boolean mask does (its count sizes the output)."""
+    target = labels[:, 1:]
+    keep = (target != -100).reshape(-1)
+    index = keep.nonzero().squeeze(1)
+    return index, target.reshape(-1)[index]
 
 
 def answer_argmax(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
@@ -239,7 +253,8 @@ class AnswerLoss(torch.nn.Module):
         # them, and take its logits at the answer positions (exact; the full logits are formed there)
         self._own_forward = logit_transform(getattr(base, "config", None)) is not None
 
-    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, predict=False):
+    def forward(self, input_ids, attention_mask, labels=None, position_ids=None, predict=False, answer_index=None,
+                answer_target=None):
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = None   # right padding: see the class docstring
         if labels is not None and input_ids.shape[1] > 1:   # the last position predicts nothing trained
@@ -261,7 +276,10 @@ class AnswerLoss(torch.nn.Module):
         hidden = hidden[:, :labels.shape[1] - 1]   # [B, L-1, H] (a one-token batch: no position to train)
         if predict:   # teacher-forced scoring: the greedy token at each answer position
             return answer_argmax(hidden, head, labels)
-        logits, target, _ = _answer_logits(hidden, head, labels)
+        if answer_index is not None:   # answer_positions(labels), on the device: no host sync
+            logits, target = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, answer_index)), answer_target
+        else:
+            logits, target, _ = _answer_logits(hidden, head, labels)
         return F.cross_entropy(logits.float(), target, reduction="sum")
 
 
@@ -354,11 +372,23 @@ class Engine:
         Returns the unscaled token-loss sum (detached, on device).
         """
         self.engine.train()
+        labels = batch["labels"]
+        index, target = answer_positions(labels) if labels.device.type == "cpu" else (None, None)
+        dev = self.to_device
         pos = batch.get("position_ids")
-        loss_sum = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                               batch["labels"].to(self.device), None if pos is None else pos.to(self.device))
+        loss_sum = self.engine(dev(batch["input_ids"]), dev(batch["attention_mask"]), dev(labels),
+                               None if pos is None else dev(pos), False,
+                               None if index is None else dev(index), None if target is None else dev(target))
         self.engine.backward(loss_sum * scale)
         return loss_sum.detach()
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host batch tensor on the engine's device without a device sync: a blocking host-to-GPU copy
+        waits for every kernel queued before it, which would stall the host at each micro-batch; from pinned
+        memory the copy is queued like a kernel (the caching host allocator keeps the buffer until it is done)."""
+        if self.device.type != "cuda" or t.device.type != "cpu":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def step(self) -> None:
         if self._clip and self.engine.is_gradient_accumulation_boundary():

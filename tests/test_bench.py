@@ -149,12 +149,15 @@ def test_gpu_script_invocations_parse(tmp_path):
     text = script.read_text()
     env = {"WARMUP": "3", "STEPS": "10", "RESULTS": str(tmp_path / "b.jsonl"),
            "CASES_1B": "full:zero2,full:zero3,full:zero2_offload,padding", "{BENCH_PROFILE:-2}": "2",
-           "{BENCH_PADDING_WORDS:-8}": "50"}
+           "CASES_8B": "eval,lora:zero2"}
+    padding = re.search(r"^PADDING=\((.*)\)$", text, re.M).group(1)
+    for k, v in (("{BENCH_PADDING_WORDS:-8}", "50"), ("{BENCH_PADDING_MIX_RATIO:-1}", "0.25")):
+        padding = padding.replace("$" + k, v)
     common = re.search(r"^COMMON=\((.*)\)$", text, re.M).group(1)
     lines = re.findall(r"\brun (\d+) (--shape .*)$", text, re.M)
     assert len(lines) == 4 and sum(int(limit) for limit, _ in lines[:3]) <= 590
     for _, args in lines:
-        cmd = f"{args} {common}"
+        cmd = f"{args} {common}".replace('"${PADDING[@]}"', padding)   # the array's words, as bash expands it
         for k, v in env.items():
             cmd = cmd.replace("${" + k + "}" if not k.startswith("{") else "$" + k, v).replace("$" + k, v)
         argv = shlex.split(cmd)
@@ -162,7 +165,7 @@ def test_gpu_script_invocations_parse(tmp_path):
         assert ns.shape in ("llama-1b", "llama-8b") and ns.batch == 64 and ns.precision == "bf16"
         assert "$" not in cmd, cmd   # every variable substituted: the line parses as the script runs it
         if "padding" in ns.cases:
-            assert ns.padding_words == 50
+            assert ns.padding_words == 50 and ns.padding_mix_ratio == 0.25
         for mode, configs in parse_cases(ns.cases):
             for c in configs:
                 if c != "plain":

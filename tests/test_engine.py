@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import TINY_AB_HEADER, run_cli, write_recipe
-from remix_ds.engine import resolve_ds_config
+from remix_ds.engine import ds_config_path, resolve_ds_config
 
 KW = dict(global_batch_size=8, micro_batch_size=8, grad_accum=1, grad_clip=1.0, hidden_size=128)
 
@@ -21,6 +21,19 @@ def test_full_fine_tuning_keeps_zero_and_one_process_runs_zero3_as_zero2():
     assert resolve_ds_config("zero3_offload", precision="bf16", finetune="full", **KW)["zero_optimization"]["stage"] == 3
     # as written
     assert resolve_ds_config("zero3", precision="bf16", finetune="full", adapt=False, **KW)["zero_optimization"]["stage"] == 3
+
+
+def test_deepspeeds_synchronizing_throughput_timer_is_off_unless_a_config_asks_for_it(tmp_path):
+    """DeepSpeed's throughput timer synchronizes the device twice a step by default: resolved configs turn it
+    off (the stage logs its own throughput), and a ds_config's own "timers" block is kept as written."""
+    for name, finetune in (("zero2", "full"), ("zero3", "lora"), ("zero2_offload", "full")):
+        assert resolve_ds_config(name, precision="bf16", finetune=finetune, **KW)["timers"] == \
+            {"throughput": {"enabled": False}}
+    own = json.load(open(ds_config_path("zero2")))
+    own["timers"] = {"throughput": {"enabled": True, "synchronized": False}}
+    path = tmp_path / "timed.json"
+    path.write_text(json.dumps(own))
+    assert resolve_ds_config(str(path), precision="bf16", finetune="full", **KW)["timers"] == own["timers"]
 
 
 @pytest.mark.parametrize("finetune", ["lora", "qlora"])

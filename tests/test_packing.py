@@ -29,7 +29,7 @@ def test_pack_rows_fills_rows_without_losing_examples(tiny_dir):
 def test_packed_batch_gives_the_per_example_losses_of_the_padded_batch(tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    from remix_ds.engine import AnswerLoss
+    from remix_ds.engine import AnswerLoss, answer_positions
     from remix_ds.model import load_tokenizer
 
     tok = load_tokenizer(tiny_dir)
@@ -60,6 +60,15 @@ def test_packed_batch_gives_the_per_example_losses_of_the_padded_batch(tiny_dir)
         b = head(packed["input_ids"], packed["attention_mask"], packed["labels"], packed["position_ids"])
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(a, sum(ref.values()), atol=1e-3, rtol=1e-5)
+    # ... and the same when the answer positions come as indices computed on the host (Engine.micro_step's
+    # sync-free path), padded and packed
+    for batch, pos in ((pad, None), (packed, packed["position_ids"])):
+        index, target = answer_positions(batch["labels"])
+        assert len(index) == int((batch["labels"][:, 1:] != IGNORE).sum()) == len(target)
+        with torch.no_grad():
+            by_mask = head(batch["input_ids"], batch["attention_mask"], batch["labels"], pos)
+            by_index = head(batch["input_ids"], batch["attention_mask"], batch["labels"], pos, False, index, target)
+        torch.testing.assert_close(by_index, by_mask, atol=1e-5, rtol=1e-6)
     # ... with the decoder run over all columns but the last (no label follows it), padded and packed
     seen = []
     hook = head._decoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[1]),
