@@ -101,8 +101,9 @@ def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: in
     """Load a ds_config and replace every "auto" with a concrete value; refuse any left over.
 
     With ``adapt`` (a stage's ``adapt_zero``, on by default) the ZeRO stage is chosen by world size and
-    mode: ZeRO-3 on one process runs as ZeRO-2 (``effective_zero_stage``), and a LoRA/QLoRA stage at
-    ZeRO-1/2 runs without ZeRO, under torch autocast (``adapter_zero_stage``).
+    mode: ZeRO-3 on one process runs as ZeRO-2 (``effective_zero_stage``), a LoRA/QLoRA stage at
+    ZeRO-1/2 runs without ZeRO, under torch autocast (``adapter_zero_stage``), and so does full fine-tuning
+    on one process, with fp32 weights (``single_process_full_stage``).
 
     ``adapter_tensor_size``: the largest LoRA tensor (r x the widest projection dimension); a LoRA/QLoRA
     ZeRO-3 config's "auto" persistence threshold is raised above it, so that the adapters stay whole on every
@@ -156,7 +157,8 @@ def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: in
     # throughput. A ds_config with its own "timers" block keeps it.
     cfg.setdefault("timers", {"throughput": {"enabled": False}})
     if adapt:
-        cfg = adapter_zero_stage(effective_zero_stage(cfg, world), finetune, precision)
+        cfg = effective_zero_stage(cfg, world)
+        cfg = single_process_full_stage(adapter_zero_stage(cfg, finetune, precision), world, finetune, precision)
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
         raise ConfigError(f"{src}: cannot resolve \"auto\" for {', '.join(leftover)}")
@@ -310,14 +312,38 @@ def adapter_zero_stage(cfg: Dict[str, Any], finetune: str, precision: str) -> Di
     """
     if finetune not in ("lora", "qlora") or zero_stage(cfg) not in (1, 2) or offloads_optimizer(cfg):
         return cfg
+    log.info("%s: adapter weights need no ZeRO partitioning; running without ZeRO%s (set adapt_zero: false "
+             "to run the ds_config as written)", finetune, f", {precision} torch autocast" if precision != "fp32" else "")
+    return _without_zero(cfg, precision)
+
+
+def single_process_full_stage(cfg: Dict[str, Any], world_size: int, finetune: str, precision: str) -> Dict[str, Any]:
+    """Full fine-tuning on one process at ZeRO-1/2 without offload: run without ZeRO, fp32 weights under torch
+    autocast (``load_for_training`` loads them in fp32), as a hand-written loop does.
+
+    On one process ZeRO-1/2 partition nothing, yet DeepSpeed's bf16 ZeRO optimizer still runs its per-parameter
+    host-side bookkeeping every step (gradient hooks, a norm and an inf check per tensor, flat-buffer copies):
+    on an H100 the 1B shape's step was bound by that host work (about 180 ms of host time against 112 ms of
+    device time). Device memory per parameter is the same 16 bytes either way (fp32 weights, gradients and two
+    Adam moments, against bf16 weights and gradients, fp32 master weights and moments); autocast adds the bf16
+    weight copies of the forward pass. Offloading configs keep ZeRO: they trade that memory on purpose.
+    """
+    if world_size != 1 or finetune != "full" or zero_stage(cfg) not in (1, 2) or offloads_optimizer(cfg) \
+            or offloads_params(cfg):
+        return cfg
+    log.info("full fine-tuning on one process: ZeRO-%d would partition nothing; running without ZeRO%s (set "
+             "adapt_zero: false to run the ds_config as written)", zero_stage(cfg),
+             f", fp32 weights under {precision} torch autocast" if precision != "fp32" else "")
+    return _without_zero(cfg, precision)
+
+
+def _without_zero(cfg: Dict[str, Any], precision: str) -> Dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     cfg["zero_optimization"] = {"stage": 0}
     if precision in ("bf16", "fp16"):
         cfg["bf16"] = {"enabled": False}
         cfg["fp16"] = {"enabled": False}
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
-    log.info("%s: adapter weights need no ZeRO partitioning; running without ZeRO%s (set adapt_zero: false "
-             "to run the ds_config as written)", finetune, f", {precision} torch autocast" if precision != "fp32" else "")
     return cfg
 
 
@@ -348,6 +374,17 @@ class Engine:
             model=AnswerLoss(model), optimizer=opt, lr_scheduler=sched, config=init_cfg)
         self.zero_stage = zero_stage(ds_config)
         self.device = self.engine.device
+        if self.zero_stage == 0 and dist.world_size() == 1:
+            # nothing to average on one process, but DeepSpeed would still flatten every gradient into a
+            # bucket, "all-reduce" it and copy it back after each backward (host time on every step)
+            self.engine.enable_backward_allreduce = False
+        if self.zero_stage == 0:
+            # without ZeRO, DeepSpeed clears gradients by walking every named parameter of the module (the frozen
+            # base of a LoRA model too) after each step: clear the trained ones only, as a hand-written loop does
+            def zero_grad(*_, params=tuple(params), **__) -> None:
+                for p in params:
+                    p.grad = None
+            self.engine.zero_grad = zero_grad
 
     @property
     def module(self) -> torch.nn.Module:
@@ -371,7 +408,10 @@ class Engine:
 
         Returns the unscaled token-loss sum (detached, on device).
         """
-        self.engine.train()
+        # Module.train() walks every submodule (thousands of calls on an 8B model): only after eval(). DeepSpeed's
+        # engine passes train()/eval() to its module and never changes its own flag: ask the module
+        if not self.engine.module.training:
+            self.engine.train()
         labels = batch["labels"]
         index, target = answer_positions(labels) if labels.device.type == "cpu" else (None, None)
         dev = self.to_device
@@ -448,9 +488,20 @@ class Engine:
         sd = self.gather_state_dict(lambda n, p: True, dtype)
         if dist.is_main():
             model = self.module
-            model.config.dtype = dtype
-            atomic_save(out_dir, lambda tmp: (model.save_pretrained(tmp, state_dict=sd, safe_serialization=True),
-                                              tokenizer.save_pretrained(tmp)))
+
+            def write(tmp: str) -> None:
+                model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                # save_pretrained records the dtype of the parameters it holds (fp32 weights trained under
+                # autocast, say), not of the state dict it wrote: record the written one
+                path = os.path.join(tmp, "config.json")
+                with open(path) as f:
+                    cfg = json.load(f)
+                cfg["dtype"] = str(dtype).replace("torch.", "")
+                with open(path, "w") as f:
+                    json.dump(cfg, f, indent=2, sort_keys=True)
+                    f.write("\n")
+            atomic_save(out_dir, write)
         dist.barrier()
 
     def save_adapter(self, out_dir: str, tokenizer, dtype: torch.dtype = torch.float32) -> None:

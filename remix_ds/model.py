@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from .config import LoraSpec
-from .engine import atomic_save, zero_stage
+from .engine import atomic_save, uses_torch_autocast, zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ def load_for_training(path: str, finetune: str, lora: LoraSpec, ds_config: Dict[
     from transformers.integrations import HfDeepSpeedConfig
 
     keep = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+    if finetune == "full" and uses_torch_autocast(ds_config):
+        dtype = torch.float32   # the optimizer steps these weights: fp32 masters, the forward cast by autocast
     kwargs: Dict[str, Any] = {"dtype": dtype}
     if finetune == "qlora":
         kwargs["quantization_config"] = quantization_config(dtype, ds_config)

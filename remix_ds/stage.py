@@ -257,11 +257,11 @@ def latest_checkpoint(root: Path, h: str, layout: Optional[Dict[str, Any]] = Non
     if best is None:
         return None
     for key, value in (layout or {}).items():
-        if key in best[2] and best[2][key] != value:
-            raise ConfigError(f"{root / best[1]}: this checkpoint was written with {key} {best[2][key]!r}, this run "
-                              f"has {value!r}; DeepSpeed cannot resume across that change. Rerun with {key} "
-                              f"{best[2][key]!r}, or set resume: never to start the stage afresh (which deletes "
-                              f"{root})")
+        if best[2].get(key) != value:
+            written = f"{key} {best[2][key]!r}" if key in best[2] else f"no record of its {key} (an earlier release)"
+            raise ConfigError(f"{root / best[1]}: this checkpoint was written with {written}, this run has {key} "
+                              f"{value!r}; DeepSpeed cannot resume across that change. Rerun as it was written, or "
+                              f"set resume: never to start the stage afresh (which deletes {root})")
     return best[1]
 
 
@@ -329,7 +329,11 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     world, rank = dist.world_size(), dist.rank()
     micro, gas = batch_plan(world, spec.global_batch_size, spec.micro_batch_size)
     precision = resolve_precision(recipe.precision)
-    layout = {"world_size": world, "precision": precision}   # what a DeepSpeed checkpoint cannot change
+    # what a DeepSpeed checkpoint cannot change: ranks, precision and the ZeRO stage the engine runs
+    planned = resolve_ds_config(spec.ds_config or recipe.ds_config, global_batch_size=spec.global_batch_size,
+                                micro_batch_size=micro, grad_accum=gas, grad_clip=spec.grad_clip, precision=precision,
+                                hidden_size=1, finetune=spec.finetune, adapt=spec.adapt_zero)
+    layout = {"world_size": world, "precision": precision, "zero_stage": zero_stage(planned)}
 
     ckpt_root = out / "checkpoints"
     found = None

@@ -10,17 +10,29 @@ from remix_ds.engine import ds_config_path, resolve_ds_config
 KW = dict(global_batch_size=8, micro_batch_size=8, grad_accum=1, grad_clip=1.0, hidden_size=128)
 
 
-def test_full_fine_tuning_keeps_zero_and_one_process_runs_zero3_as_zero2():
-    z2 = resolve_ds_config("zero2", precision="bf16", finetune="full", **KW)
-    assert z2["zero_optimization"]["stage"] == 2 and z2["bf16"]["enabled"] and "torch_autocast" not in z2
-    assert z2["zero_optimization"]["overlap_comm"] is False   # one process: nothing to overlap
-    z3 = resolve_ds_config("zero3", precision="bf16", finetune="full", **KW)
-    assert z3["zero_optimization"]["stage"] == 2
-    assert not any(k.startswith("stage3_") for k in z3["zero_optimization"])
-    # offloading parameters is a reason to keep ZeRO-3 on one process
+def test_full_fine_tuning_on_one_process_runs_without_zero_unless_it_offloads(monkeypatch):
+    from remix_ds import dist
+
+    for name in ("zero2", "zero3"):   # ZeRO-3 runs as ZeRO-2 on one process, and ZeRO-2 partitions nothing there
+        cfg = resolve_ds_config(name, precision="bf16", finetune="full", **KW)
+        assert cfg["zero_optimization"] == {"stage": 0} and cfg["bf16"]["enabled"] is False
+        assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+        fp32 = resolve_ds_config(name, precision="fp32", finetune="full", **KW)
+        assert fp32["zero_optimization"] == {"stage": 0} and "torch_autocast" not in fp32
+    # offloading is a reason to keep ZeRO on one process (ZeRO-3 too when it offloads parameters)
+    assert resolve_ds_config("zero2_offload", precision="bf16", finetune="full", **KW)["zero_optimization"]["stage"] == 2
     assert resolve_ds_config("zero3_offload", precision="bf16", finetune="full", **KW)["zero_optimization"]["stage"] == 3
     # as written
     assert resolve_ds_config("zero3", precision="bf16", finetune="full", adapt=False, **KW)["zero_optimization"]["stage"] == 3
+    z2 = resolve_ds_config("zero2", precision="bf16", finetune="full", adapt=False, **KW)
+    assert z2["zero_optimization"]["stage"] == 2 and z2["bf16"]["enabled"] and "torch_autocast" not in z2
+    assert z2["zero_optimization"]["overlap_comm"] is False   # one process: nothing to overlap
+    # several processes: ZeRO as configured, ZeRO-3 too
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    kw2 = {**KW, "global_batch_size": 16}
+    assert resolve_ds_config("zero2", precision="bf16", finetune="full", **kw2)["zero_optimization"]["stage"] == 2
+    z3 = resolve_ds_config("zero3", precision="bf16", finetune="full", **kw2)
+    assert z3["zero_optimization"]["stage"] == 3 and z3["bf16"]["enabled"]
 
 
 def test_deepspeeds_synchronizing_throughput_timer_is_off_unless_a_config_asks_for_it(tmp_path):
@@ -81,13 +93,17 @@ variants:
   - name: lora
   - name: lora-zero2
     stage1: {{adapt_zero: false}}
+  - name: full
+    stage1: {{finetune: full, lr: 2.0e-3, epochs: 3, merge: true}}
+  - name: full-zero2
+    stage1: {{finetune: full, lr: 2.0e-3, epochs: 3, merge: true, adapt_zero: false}}
 """
 
 
-def test_lora_in_bf16_trains_under_torch_autocast_like_deepspeed_bf16(tmp_path, tiny_dir):
+def test_lora_and_full_in_bf16_train_under_torch_autocast_like_deepspeed_bf16(tmp_path, tiny_dir):
     """bf16 on CPU (slow there, but the same code path as a GPU): the autocast run (fp32 adapters, bf16
     base) and DeepSpeed's own bf16 ZeRO-2 (adapters cast to bf16, fp32 master copies) both learn, from the
-    same initial loss, and save fp32 adapters that reload to the training logits."""
+    same initial loss, and save fp32 adapters that reload to the training logits; full fine-tuning likewise."""
     import torch
     from safetensors.torch import load_file
 
@@ -110,6 +126,24 @@ def test_lora_in_bf16_trains_under_torch_autocast_like_deepspeed_bf16(tmp_path, 
         assert all(t.dtype == torch.float32 for t in adapter.values())
     # the same first batch and initialisation: bf16 rounding apart, the same first loss
     assert losses["lora"][0] == pytest.approx(losses["lora-zero2"][0], rel=0.02)
+    # full fine-tuning on one process: fp32 weights under autocast (no ZeRO), or DeepSpeed's bf16 ZeRO-2 as
+    # written; both learn from the same first loss and save bf16 models (the stage's save dtype) that reload
+    for v in ("full", "full-zero2"):
+        d = run / v / "stage1"
+        cfg = json.load(open(d / "config.json"))["ds_config"]
+        done = json.load(open(d / "DONE.json"))["summary"]
+        if v == "full":
+            assert cfg["zero_optimization"] == {"stage": 0} and cfg["torch_autocast"]["enabled"]
+            assert done["trainable_dtypes"] == ["float32"] and done["zero_stage"] == 0, done
+        else:
+            assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"]["enabled"]
+            assert done["trainable_dtypes"] == ["bfloat16"] and done["zero_stage"] == 2, done
+        losses[v] = [json.loads(x)["loss"] for x in (d / "train_log.jsonl").read_text().splitlines()]
+        assert losses[v][-1] < 0.7 * losses[v][0], losses[v]
+        saved = load_file(str(d / "model" / "model.safetensors"))
+        assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+        assert json.load(open(d / "model" / "config.json"))["dtype"] == "bfloat16"
+    assert losses["full"][0] == pytest.approx(losses["full-zero2"][0], rel=0.02)
     from remix_ds.model import load_for_eval
 
     d = run / "lora" / "stage1"
@@ -243,3 +277,68 @@ def test_checkpoints_carry_the_fp16_autocast_grad_scaler(tmp_path):
     eng.engine = fresh
     state = eng.load_checkpoint(str(tmp_path), "step1")
     assert state["loop"] == {"step": 1} and fresh.torch_autocast_z0_gradscaler.get_scale() == 512.0
+
+
+def test_one_process_step_skips_deepspeeds_per_parameter_host_work(tiny_dir):
+    """What a step costs on the host decides a GPU step's speed when kernels are short (an H100 ran the 1B and
+    8B shapes host-bound): on one process without ZeRO there is no gradient all-reduce, gradients are cleared
+    on the trained parameters only, and Module.train() (a walk over every submodule) is not rerun for every
+    micro-batch; the step still trains the adapters."""
+    import os
+
+    import torch
+    import torch.distributed as tdist
+
+    from remix_ds import dist
+    from remix_ds.config import LoraSpec
+    from remix_ds.data.formatting import collate, encode_example, pad_id_of
+    from remix_ds.data.kvr import kvr_examples
+    from remix_ds.engine import Engine
+    from remix_ds.model import load_for_training, load_tokenizer
+
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in keys}
+    for k in keys:
+        os.environ.pop(k, None)
+    dist.init()
+    try:
+        cfg = resolve_ds_config("zero2", precision="fp32", finetune="lora", **{**KW, "hidden_size": 64})
+        model, _ = load_for_training(tiny_dir, "lora", LoraSpec(r=4, alpha=8), cfg, torch.float32)
+        eng = Engine(model, cfg, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, total_steps=10, warmup_ratio=0.0)
+        assert eng.zero_stage == 0 and eng.engine.enable_backward_allreduce is False
+        tok = load_tokenizer(tiny_dir)
+        batch = collate([encode_example(tok, e, i) for i, e in enumerate(kvr_examples(8, 0))], pad_id_of(tok))
+        n = int((batch["labels"] != -100).sum())
+        trained = [p for p in eng.module.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in trained]
+        calls = []
+        real_train = torch.nn.Module.train
+
+        def counting_train(self, mode=True):
+            calls.append(self)
+            return real_train(self, mode)
+        torch.nn.Module.train = counting_train
+        try:
+            losses = []
+            for _ in range(3):
+                losses.append(float(eng.micro_step(batch, 1.0 / n)) / n)
+                assert all(p.grad is not None for p in trained)
+                eng.step()
+                assert all(p.grad is None for p in trained)   # cleared after the optimizer step
+            assert calls == []                                  # already in training mode: no walk
+            eng.eval()
+            assert not any(m.training for m in eng.module.modules())
+            calls.clear()
+            eng.micro_step(batch, 0.0)
+            assert eng.engine.module.training and sum(c is eng.engine.module for c in calls) == 1   # training again
+            assert all(m.training for m in eng.module.modules())
+        finally:
+            torch.nn.Module.train = real_train
+        assert losses[-1] < losses[0]
+        assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trained))
+        eng.close()
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

@@ -82,8 +82,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
 
 
 def test_a_checkpoint_of_another_world_size_is_a_clear_error(tmp_path):
-    """DeepSpeed cannot load a checkpoint written by another number of ranks: the newest checkpoint of the
-    config decides, the message says what to do, and markers written before the layout was recorded pass."""
+    """DeepSpeed cannot load a checkpoint written by another number of ranks, precision or ZeRO stage: the newest
+    checkpoint of the config decides, the message says what to do, and a marker written before the layout was
+    recorded is refused too (full fine-tuning on one process ran ZeRO-2 then, and runs without ZeRO now)."""
     import pytest
 
     from remix_ds.errors import ConfigError
@@ -93,14 +94,17 @@ def test_a_checkpoint_of_another_world_size_is_a_clear_error(tmp_path):
         (tmp_path / tag).mkdir()
         (tmp_path / tag / "COMPLETE.json").write_text(json.dumps(info))
 
-    marker("step4", step=4, hash="h", world_size=1, precision="bf16")
-    marker("step8", step=8, hash="h", world_size=4, precision="bf16")
+    marker("step4", step=4, hash="h", world_size=1, precision="bf16", zero_stage=0)
+    marker("step8", step=8, hash="h", world_size=4, precision="bf16", zero_stage=2)
     marker("step12", step=12, hash="other", world_size=2, precision="bf16")   # another config: ignored
-    assert latest_checkpoint(tmp_path, "h", {"world_size": 4, "precision": "bf16"}) == "step8"
-    with pytest.raises(ConfigError, match=r"step8: this checkpoint was written with world_size 4, this run has 2.*"
-                                          r"resume: never"):
-        latest_checkpoint(tmp_path, "h", {"world_size": 2, "precision": "bf16"})
+    assert latest_checkpoint(tmp_path, "h", {"world_size": 4, "precision": "bf16", "zero_stage": 2}) == "step8"
+    with pytest.raises(ConfigError, match=r"step8: this checkpoint was written with world_size 4, this run has "
+                                          r"world_size 2.*resume: never"):
+        latest_checkpoint(tmp_path, "h", {"world_size": 2, "precision": "bf16", "zero_stage": 2})
     with pytest.raises(ConfigError, match="precision 'bf16'"):
-        latest_checkpoint(tmp_path, "h", {"world_size": 4, "precision": "fp32"})
-    marker("step16", step=16, hash="h")                                       # an older marker: no layout
-    assert latest_checkpoint(tmp_path, "h", {"world_size": 2, "precision": "fp32"}) == "step16"
+        latest_checkpoint(tmp_path, "h", {"world_size": 4, "precision": "fp32", "zero_stage": 2})
+    with pytest.raises(ConfigError, match="zero_stage 2, this run has zero_stage 0"):
+        latest_checkpoint(tmp_path, "h", {"world_size": 4, "precision": "bf16", "zero_stage": 0})
+    marker("step16", step=16, hash="h", world_size=1, precision="bf16")      # an earlier release's marker
+    with pytest.raises(ConfigError, match="no record of its zero_stage"):
+        latest_checkpoint(tmp_path, "h", {"world_size": 1, "precision": "bf16", "zero_stage": 0})
