@@ -142,7 +142,9 @@ class StageSpec:
     save_dtype: str = "auto"      # auto: bf16 when training in bf16, else the training dtype
     gradient_checkpointing: bool = False   # recompute activations in backward: only when memory needs it
     adapt_zero: bool = True       # choose the ZeRO stage by world size and mode (see engine.resolve_ds_config)
-    packing: bool = True          # pack each micro-batch into rows of max_seq_length (per-example attention)
+    # pack each micro-batch into rows of max_seq_length (per-example attention): true, false, or auto (pack on
+    # CPU, pad on CUDA devices, where an H100 ran packed batches slower: docs/benchmarks.md)
+    packing: Any = "auto"
     save_every: int = 0           # DeepSpeed checkpoint every N optimizer steps (0: none)
     keep_checkpoints: int = 2     # keep the newest N complete checkpoints
     resume: str = "auto"          # auto: continue from the newest complete checkpoint of the same config; never
@@ -490,6 +492,8 @@ def validate(recipe: Recipe, where: str) -> None:
                 raise ConfigError(f"{w}: finetune must be one of {FINETUNE_MODES}, got {st.finetune!r}")
             if st.stop not in STOP_RULES:
                 raise ConfigError(f"{w}: stop must be one of {STOP_RULES}, got {st.stop!r}")
+            if st.packing not in (True, False, "auto"):
+                raise ConfigError(f"{w}: packing must be true, false or auto, got {st.packing!r}")
             if st.save_dtype not in SAVE_DTYPES:
                 raise ConfigError(f"{w}: save_dtype must be one of {SAVE_DTYPES}, got {st.save_dtype!r}")
             if st.epochs < 1:

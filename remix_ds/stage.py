@@ -71,9 +71,18 @@ def output_model(recipe: Recipe, variant: Variant, k: int) -> str:
     return adapters[-1] if adapters else base
 
 
-# stage keys that change how a run is logged and checkpointed, not what it trains: changing one neither
-# retrains a complete stage nor stops a resume from the checkpoints of an interrupted one
-OPERATIONAL_KEYS = ("log_every", "save_every", "keep_checkpoints", "resume", "tensorboard")
+# stage keys that change how a run is logged, checkpointed or batched, not what it trains: changing one neither
+# retrains a complete stage nor stops a resume from the checkpoints of an interrupted one (packing gives every
+# example the loss it has padded, as the world size does, to floating-point rounding)
+OPERATIONAL_KEYS = ("log_every", "save_every", "keep_checkpoints", "resume", "tensorboard", "packing")
+
+
+def packs(packing, device: Optional[torch.device] = None) -> bool:
+    """A stage's ``packing`` setting on this device: auto packs on CPU and pads on CUDA devices (one H100 run
+    measured packed micro-batches slower there than padded ones: docs/benchmarks.md)."""
+    if packing == "auto":
+        return (device if device is not None else dist.device()).type != "cuda"
+    return bool(packing)
 
 
 def examples_digest(examples) -> str:
@@ -393,6 +402,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                                precision=precision, hidden_size=mcfg.hidden_size, finetune=spec.finetune,
                                adapt=spec.adapt_zero, adapter_tensor_size=adapter_tensor_size(spec.lora.r, mcfg))
     G = spec.global_batch_size
+    pack = recipe.max_seq_length if packs(spec.packing) else 0   # rows of at most this many tokens (0: padding)
     steps_per_epoch = math.ceil(len(enc) / G)
     total_steps = steps_per_epoch * spec.epochs
     n_mix = sum(1 for ex in train if ex.role == "mix")
@@ -403,6 +413,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
             "world_size": world,
             "precision": precision, "micro_batch_size": micro, "gradient_accumulation_steps": gas,
             "steps_per_epoch": steps_per_epoch, "spec": dataclasses.asdict(spec), "ds_config": ds_cfg,
+            "packing": bool(pack),
             "n_data": len(data), "n_mix": n_mix, "n_dropped": dropped})
         log.info("%s/stage%d: %s on %s (%d examples + %d mixing, %d dropped), %s, %d steps/epoch, "
                  "global batch %d = %d x %d x %d ranks", variant.name, k, spec.finetune, spec.data, len(data),
@@ -484,8 +495,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
         order = epoch_order(len(enc), recipe.seed, k, epoch)
         for s in range(state["s"] if epoch == state["epoch"] else 0, steps_per_epoch):
             chunk = [enc[i] for i in order[s * G:(s + 1) * G]]
-            window_loss += global_step(eng, chunk, world, gas, rank, pad,
-                                       recipe.max_seq_length if spec.packing else 0, ran)
+            window_loss += global_step(eng, chunk, world, gas, rank, pad, pack, ran)
             step += 1
             window_tokens += sum(e.num_answer_tokens for e in chunk)
             window_real += sum(len(e.input_ids) for e in chunk)

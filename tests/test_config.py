@@ -146,13 +146,28 @@ def test_fingerprint_ignores_logging_keys_only(tmp_path):
 
     ref = hashes([])
     logging_only = ["stage1.log_every=3", "stage1.save_every=4", "stage1.keep_checkpoints=5",
-                    "stage1.resume=never", "stage1.tensorboard=true"]
+                    "stage1.resume=never", "stage1.tensorboard=true", "stage1.packing=false"]
     assert len(logging_only) == len(OPERATIONAL_KEYS)
     assert hashes(logging_only) == ref
     lr = hashes(["stage1.lr=0.001"])
     assert lr[0] != ref[0] and lr[1] != ref[1]                 # stage 2 builds on the changed stage 1
-    packing = hashes(["stage2.packing=false"])
-    assert packing[0] == ref[0] and packing[1] != ref[1]       # stage 1 is untouched by a stage-2 key
+    epochs = hashes(["stage2.epochs=7"])
+    assert epochs[0] == ref[0] and epochs[1] != ref[1]         # stage 1 is untouched by a stage-2 key
+
+
+def test_packing_is_true_false_or_auto_and_auto_pads_on_cuda_devices(tmp_path):
+    import torch
+
+    from remix_ds.stage import packs
+
+    p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
+    assert load_recipe(str(p)).variants[0].stages[0].packing == "auto"
+    assert load_recipe(str(p), ["stage1.packing=false"]).variants[0].stages[0].packing is False
+    with pytest.raises(ConfigError, match="packing must be true, false or auto, got 'yes please'"):
+        load_recipe(str(p), ["stage1.packing=yes please"])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert packs("auto", cpu) and not packs("auto", cuda)
+    assert packs(True, cuda) and not packs(False, cpu)
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
