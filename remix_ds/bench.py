@@ -916,6 +916,12 @@ class Bench:
             rm["target_ratio"] = PADDING_TARGET
             rm["target_baseline"] = "naive_longest"
             rm["meets_target"] = rm["ratio_vs_naive_longest"] >= PADDING_TARGET
+            if a.profile:   # the packed step and the padded one it is compared with, operator by operator
+                stem = os.path.splitext(a.out)[0]
+                for name, runner, batches, _ in runs:
+                    if name in ("naive_longest", "remix_ds"):
+                        results[name]["profile_file"] = profile_steps(
+                            runner, batches, a.profile, case.device, f"{stem}.profile-{a.shape}-padding-{name}.txt")
         except Exception as e:
             results = {"error": {**base, "case": "padding", "status": "error",
                                  "reason": f"{type(e).__name__}: {e}"[:2000]}}
@@ -1073,8 +1079,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padding bench: fine-tuning mode of its engine (default full)")
     p.add_argument("--padding-config", default="zero2", help="padding bench: ds_config (default zero2)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="after timing, run STEPS more steps of each training case under torch.profiler and write "
-                        "its operator table beside --out (<out>.profile-<shape>-<case>.txt); default 0: off")
+                   help="after timing, run STEPS more steps of each training case (and of the padding bench's "
+                        "packed and pad-to-longest batching) under torch.profiler and write its operator table "
+                        "beside --out (<out>.profile-<shape>-<case>.txt); default 0: off")
     p.add_argument("--no-adapt-zero", action="store_true",
                    help="run each ds_config as written (a stage's adapt_zero: false); default: as a stage does, "
                         "ZeRO-3 on one process as ZeRO-2 and LoRA/QLoRA at ZeRO-1/2 without ZeRO, under autocast")

@@ -70,6 +70,8 @@ def test_bench_tiny_full_lora_qlora_eval_padding(one_process):
     assert pad["padding:naive_max_length"]["pad_fraction"] >= pad["padding:naive_dataset_longest"]["pad_fraction"] \
         >= naive["pad_fraction"] > 0.2
     assert remix["processed_tokens"] < naive["processed_tokens"] and remix["ratio_vs_naive_longest"] > 0
+    for r in (naive, remix):   # --profile covers the packed step and the padded one it is compared with
+        assert "aten::" in open(r["profile_file"]).read()
 
 
 def test_bench_cases_parse():

@@ -342,3 +342,43 @@ def test_one_process_step_skips_deepspeeds_per_parameter_host_work(tiny_dir):
             tdist.destroy_process_group()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_lora_under_autocast_skips_peft_input_casts_with_the_same_results(tiny_dir):
+    """load_for_training under a torch_autocast config turns off PEFT's cast of each LoRA input to fp32 (which
+    autocast casts straight back to bf16): the loss and every adapter gradient are bitwise those with it."""
+    import torch
+
+    from remix_ds.config import LoraSpec
+    from remix_ds.data.formatting import collate, encode_example, pad_id_of
+    from remix_ds.data.kvr import kvr_examples
+    from remix_ds.engine import AnswerLoss
+    from remix_ds.model import load_for_training, load_tokenizer
+
+    cfg = resolve_ds_config("zero2", precision="bf16", finetune="lora", **KW)
+    torch.manual_seed(0)
+    model, _ = load_for_training(tiny_dir, "lora", LoraSpec(r=4, alpha=8), cfg, torch.bfloat16)
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    fp32 = [p for p in model.parameters() if p.requires_grad]
+    assert fp32 and all(p.dtype == torch.float32 for p in fp32)
+    with torch.no_grad():   # non-zero lora_B, so that every adapter tensor gets a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    tok = load_tokenizer(tiny_dir)
+    batch = collate([encode_example(tok, e, i) for i, e in enumerate(kvr_examples(8, 0))], pad_id_of(tok))
+    head = AnswerLoss(model)
+
+    def run(cast: bool):
+        for m in layers:
+            m.cast_input_dtype_enabled = cast
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = head(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in fp32]
+
+    (loss_skip, g_skip), (loss_cast, g_cast) = run(False), run(True)
+    assert torch.equal(loss_skip, loss_cast)
+    assert all(torch.equal(a, b) for a, b in zip(g_skip, g_cast)) and all(g.abs().sum() > 0 for g in g_skip)
