@@ -106,6 +106,9 @@ def fingerprint(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
 
     spec = variant.stages[k - 1]
     stage = {key: v for key, v in dataclasses.asdict(spec).items() if key not in OPERATIONAL_KEYS}
+    # packing was a training key with default true before it became operational: hashed at that value, so
+    # the stages of earlier runs keep their hashes (and are not retrained)
+    stage["packing"] = True
     fp = {"stage": stage, "examples": examples_digest(stage_train_set(recipe, spec, k)[1]),
           "data": dataclasses.asdict(recipe.datasets[spec.data]),
           "seed": recipe.seed, "precision": recipe.precision, "max_seq_length": recipe.max_seq_length,
