@@ -77,6 +77,9 @@ def output_model(recipe: Recipe, variant: Variant, k: int) -> str:
 OPERATIONAL_KEYS = ("log_every", "save_every", "keep_checkpoints", "resume", "tensorboard", "packing")
 
 
+WIDTH_MULTIPLE_CUDA = 8
+
+
 def packs(packing, device: Optional[torch.device] = None) -> bool:
     """A stage's ``packing`` setting on this device: auto packs on CPU and pads on CUDA devices (one H100 run
     measured packed micro-batches slower there than padded ones: docs/benchmarks.md)."""
@@ -230,7 +233,9 @@ def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: i
     example attending only to itself (the same losses, far less padding). Returns this rank's unscaled
     token-loss sum (detached, on device). `count`, if given, adds the token positions this rank ran.
     """
-    make = (lambda mb: collate_packed(mb, pad, pack)) if pack else (lambda mb: collate(mb, pad))
+    # on a GPU, batch widths round up to a multiple of 8 (formatting.train_width): fewer distinct shapes
+    multiple = WIDTH_MULTIPLE_CUDA if eng.device.type == "cuda" else 1
+    make = (lambda mb: collate_packed(mb, pad, pack, multiple)) if pack else (lambda mb: collate(mb, pad, multiple=multiple))
     n_tok = sum(e.num_answer_tokens for e in chunk)
     slots = split_global_batch(chunk, world * gas, by_tokens=bool(pack))
     scale = world * gas / n_tok

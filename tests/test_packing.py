@@ -206,3 +206,30 @@ def test_answer_loss_keeps_the_logit_transforms_of_other_families():
         assert ours.item() == pytest.approx(ref.loss.item(), abs=1e-5), name
         keep = labels[:, 1:] != IGNORE
         assert torch.equal(pred[keep], ref.logits[:, :-1].argmax(-1)[keep]), name
+
+
+def test_gpu_batch_widths_round_to_a_multiple_of_8_without_changing_the_loss(tiny_dir):
+    """On a GPU the stage rounds batch widths up to a multiple of 8: fewer distinct shapes for per-shape
+    attention plans. Padded or packed, the training loss is the same as at the natural width."""
+    from transformers import AutoModelForCausalLM
+
+    from remix_ds.data.formatting import train_width
+    from remix_ds.engine import AnswerLoss
+    from remix_ds.model import load_tokenizer
+    from remix_ds.stage import WIDTH_MULTIPLE_CUDA
+
+    assert WIDTH_MULTIPLE_CUDA == 8
+    assert [train_width(w, 8) for w in (1, 8, 9, 17, 63, 64, 65)] == [8, 8, 16, 24, 64, 64, 72]
+    assert train_width(37, 1) == 37
+    tok = load_tokenizer(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    head = AnswerLoss(model)
+    enc = _encoded(tok)
+    for make in (lambda m: collate(enc, tok.pad_token_id, multiple=m),
+                 lambda m: collate_packed(enc, tok.pad_token_id, 128, multiple=m)):
+        plain, wide = make(1), make(8)
+        assert wide["input_ids"].shape[1] % 8 == 0 and wide["input_ids"].shape[1] > plain["input_ids"].shape[1]
+        assert wide["input_ids"].shape[0] == plain["input_ids"].shape[0]
+        with torch.no_grad():
+            losses = [head(b["input_ids"], b["attention_mask"], b["labels"], b.get("position_ids")) for b in (plain, wide)]
+        torch.testing.assert_close(losses[0], losses[1], atol=1e-4, rtol=1e-5)

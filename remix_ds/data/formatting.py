@@ -104,9 +104,18 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def collate(batch: Sequence[Encoded], pad_id: int, pad_to: Optional[int] = None) -> dict:
-    """Right-padded training batch: input_ids, attention_mask, labels (-100 on padding)."""
-    width = max(len(e.input_ids) for e in batch)
+def train_width(width: int, multiple: int) -> int:
+    """A training batch's width rounded up to a multiple of `multiple`: on a GPU, fewer distinct batch shapes
+    (attention backends such as cuDNN build an execution plan per shape)."""
+    if multiple <= 1:
+        return width
+    return multiple * -(-width // multiple)
+
+
+def collate(batch: Sequence[Encoded], pad_id: int, pad_to: Optional[int] = None, multiple: int = 1) -> dict:
+    """Right-padded training batch: input_ids, attention_mask, labels (-100 on padding). `multiple`: see
+    ``train_width``."""
+    width = train_width(max(len(e.input_ids) for e in batch), multiple)
     if pad_to:
         width = max(width, pad_to)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -178,21 +187,22 @@ def pack_rows(batch: Sequence[Encoded], capacity: int) -> List[List[Encoded]]:
     return [row for row in best if row]
 
 
-def collate_packed(batch: Sequence[Encoded], pad_id: int, capacity: int) -> dict:
+def collate_packed(batch: Sequence[Encoded], pad_id: int, capacity: int, multiple: int = 1) -> dict:
     """Several examples per row, each attending only to itself.
 
     Returns input_ids, labels, position_ids (restarting at 0 for every example) and a boolean
     [rows, 1, L, L] attention mask that is causal within each example and blocks every other pair. Each
     example starts with a token labelled -100 (BOS or the prompt), so no loss crosses a boundary: a packed
     batch gives every example the loss it has unpacked. When packing would not shrink the padded area
-    below PACK_GAIN of the plain batch's, returns the plain padded batch (``collate``) instead.
+    below PACK_GAIN of the plain batch's, returns the plain padded batch (``collate``) instead. `multiple`:
+    see ``train_width``.
     """
     rows = pack_rows(batch, capacity)
-    width = max(sum(len(e.input_ids) for e in row) for row in rows)
-    if len(rows) * width > PACK_GAIN * len(batch) * max(len(e.input_ids) for e in batch):
+    width = train_width(max(sum(len(e.input_ids) for e in row) for row in rows), multiple)
+    if len(rows) * width > PACK_GAIN * len(batch) * train_width(max(len(e.input_ids) for e in batch), multiple):
         # packing would save little padding (uniform lengths, say) but widen every row's attention:
         # the plain padded batch is the same computation, cheaper
-        return collate(batch, pad_id)
+        return collate(batch, pad_id, multiple=multiple)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
