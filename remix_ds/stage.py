@@ -349,7 +349,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     # what a DeepSpeed checkpoint cannot change: ranks, precision and the ZeRO stage the engine runs
     planned = resolve_ds_config(spec.ds_config or recipe.ds_config, global_batch_size=spec.global_batch_size,
                                 micro_batch_size=micro, grad_accum=gas, grad_clip=spec.grad_clip, precision=precision,
-                                hidden_size=1, finetune=spec.finetune, adapt=spec.adapt_zero)
+                                hidden_size=1, finetune=spec.finetune, adapt=spec.adapt_zero, announce=False)
     layout = {"world_size": world, "precision": precision, "zero_stage": zero_stage(planned)}
 
     ckpt_root = out / "checkpoints"

@@ -10,8 +10,16 @@ from remix_ds.engine import ds_config_path, resolve_ds_config
 KW = dict(global_batch_size=8, micro_batch_size=8, grad_accum=1, grad_clip=1.0, hidden_size=128)
 
 
-def test_full_fine_tuning_on_one_process_runs_without_zero_unless_it_offloads(monkeypatch):
+def test_full_fine_tuning_on_one_process_runs_without_zero_unless_it_offloads(monkeypatch, caplog):
+    import logging
+
     from remix_ds import dist
+
+    with caplog.at_level(logging.INFO, logger="remix_ds.engine"):   # one line says what runs and why
+        resolve_ds_config("zero3", precision="bf16", finetune="full", **KW)
+        resolve_ds_config("zero3", precision="bf16", finetune="full", announce=False, **KW)
+    said = [r.getMessage() for r in caplog.records if "ZeRO" in r.getMessage()]
+    assert len(said) == 1 and "full fine-tuning on one process" in said[0] and "adapt_zero: false" in said[0], said
 
     for name in ("zero2", "zero3"):   # ZeRO-3 runs as ZeRO-2 on one process, and ZeRO-2 partitions nothing there
         cfg = resolve_ds_config(name, precision="bf16", finetune="full", **KW)
