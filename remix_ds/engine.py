@@ -97,15 +97,13 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: int, grad_accum: int,
                       grad_clip: float, precision: str, hidden_size: int, finetune: str = "full",
-                      adapt: bool = True, adapter_tensor_size: int = 0, announce: bool = True) -> Dict[str, Any]:
+                      adapt: bool = True, adapter_tensor_size: int = 0) -> Dict[str, Any]:
     """Load a ds_config and replace every "auto" with a concrete value; refuse any left over.
 
     With ``adapt`` (a stage's ``adapt_zero``, on by default) the ZeRO stage is chosen by world size and
     mode: ZeRO-3 on one process runs as ZeRO-2 (``effective_zero_stage``), a LoRA/QLoRA stage at
     ZeRO-1/2 runs without ZeRO, under torch autocast (``adapter_zero_stage``), and so does full fine-tuning
     on one process, with fp32 weights (``single_process_full_stage``).
-
-    ``announce``: log the ZeRO stage chosen and why (off for a look-ahead that resolves the config twice).
 
     ``adapter_tensor_size``: the largest LoRA tensor (r x the widest projection dimension); a LoRA/QLoRA
     ZeRO-3 config's "auto" persistence threshold is raised above it, so that the adapters stay whole on every
@@ -160,12 +158,9 @@ def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: in
     cfg.setdefault("timers", {"throughput": {"enabled": False}})
     if adapt:
         notes: List[str] = []
-        cfg = effective_zero_stage(cfg, world, notes)
-        cfg = single_process_full_stage(adapter_zero_stage(cfg, finetune, precision, notes), world, finetune,
-                                        precision, notes)
-        if announce:
-            for text in notes[-1:]:   # the last change is the stage that runs (and says why)
-                log.info("%s", text)
+        cfg = adapt_zero_stage(cfg, world, finetune, precision, notes)
+        for text in notes[-1:]:   # the last change is the stage that runs (and says why)
+            log.info("%s", text)
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
         raise ConfigError(f"{src}: cannot resolve \"auto\" for {', '.join(leftover)}")
@@ -292,7 +287,18 @@ class AnswerLoss(torch.nn.Module):
         return F.cross_entropy(logits.float(), target, reduction="sum")
 
 
-def effective_zero_stage(cfg: Dict[str, Any], world_size: int, notes: Optional[List[str]] = None) -> Dict[str, Any]:
+def adapt_zero_stage(cfg: Dict[str, Any], world_size: int, finetune: str, precision: str,
+                     notes: List[str]) -> Dict[str, Any]:
+    """The ZeRO stage a stage runs with ``adapt_zero`` (the default), by world size and mode: a ds_config
+    with that stage applied; why each change was made is appended to ``notes``. Depends only on the config's
+    ZeRO block, the world size, the mode and the precision (not on the model), so a run can tell the stage its
+    checkpoints need before loading anything (``stage.checkpoint_layout``)."""
+    cfg = effective_zero_stage(cfg, world_size, notes)
+    cfg = adapter_zero_stage(cfg, finetune, precision, notes)
+    return single_process_full_stage(cfg, world_size, finetune, precision, notes)
+
+
+def effective_zero_stage(cfg: Dict[str, Any], world_size: int, notes: List[str]) -> Dict[str, Any]:
     """On one process ZeRO-3 partitions nothing and only adds parameter gathering to every module: run
     ZeRO-2 instead (optimizer offload kept), unless parameters are offloaded to save device memory."""
     if world_size == 1 and zero_stage(cfg) == 3 and not offloads_params(cfg):
@@ -302,12 +308,11 @@ def effective_zero_stage(cfg: Dict[str, Any], world_size: int, notes: Optional[L
         for key in list(zo):
             if key.startswith("stage3_") or key in ("sub_group_size",):
                 zo.pop(key)
-        _note(notes, "one process: ZeRO-3 would partition nothing; running ZeRO-2 (set offload_param to keep ZeRO-3)")
+        notes.append("one process: ZeRO-3 would partition nothing; running ZeRO-2 (set offload_param to keep ZeRO-3)")
     return cfg
 
 
-def adapter_zero_stage(cfg: Dict[str, Any], finetune: str, precision: str,
-                       notes: Optional[List[str]] = None) -> Dict[str, Any]:
+def adapter_zero_stage(cfg: Dict[str, Any], finetune: str, precision: str, notes: List[str]) -> Dict[str, Any]:
     """LoRA/QLoRA at ZeRO-1/2 without offload: run without ZeRO, the adapters in fp32 under torch autocast.
 
     ZeRO-1/2 partition optimizer state and gradients, which for a LoRA adapter are a few megabytes: there is
@@ -320,14 +325,14 @@ def adapter_zero_stage(cfg: Dict[str, Any], finetune: str, precision: str,
     """
     if finetune not in ("lora", "qlora") or zero_stage(cfg) not in (1, 2) or offloads_optimizer(cfg):
         return cfg
-    _note(notes, f"{finetune}: adapter weights need no ZeRO partitioning; running without ZeRO"
+    notes.append(f"{finetune}: adapter weights need no ZeRO partitioning; running without ZeRO"
                  f"{f', {precision} torch autocast' if precision != 'fp32' else ''} (set adapt_zero: false to run the "
                  f"ds_config as written)")
     return _without_zero(cfg, precision)
 
 
 def single_process_full_stage(cfg: Dict[str, Any], world_size: int, finetune: str, precision: str,
-                              notes: Optional[List[str]] = None) -> Dict[str, Any]:
+                              notes: List[str]) -> Dict[str, Any]:
     """Full fine-tuning on one process at ZeRO-1/2 without offload: run without ZeRO, fp32 weights under torch
     autocast (``load_for_training`` loads them in fp32), as a hand-written loop does.
 
@@ -341,17 +346,10 @@ def single_process_full_stage(cfg: Dict[str, Any], world_size: int, finetune: st
     if world_size != 1 or finetune != "full" or zero_stage(cfg) not in (1, 2) or offloads_optimizer(cfg) \
             or offloads_params(cfg):
         return cfg
-    _note(notes, f"full fine-tuning on one process: ZeRO would partition nothing; running without "
+    notes.append(f"full fine-tuning on one process: ZeRO would partition nothing; running without "
                  f"ZeRO{f', fp32 weights under {precision} torch autocast' if precision != 'fp32' else ''} (set "
                  f"adapt_zero: false to run the ds_config as written)")
     return _without_zero(cfg, precision)
-
-
-def _note(notes: Optional[List[str]], text: str) -> None:
-    if notes is None:
-        log.info("%s", text)
-    else:
-        notes.append(text)
 
 
 def _without_zero(cfg: Dict[str, Any], precision: str) -> Dict[str, Any]:

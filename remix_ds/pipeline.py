@@ -16,8 +16,8 @@ from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
 from .metrics import is_task_source
 from .model import is_adapter_dir, load_for_eval, load_tokenizer
-from .stage import (batch_plan, config_change, fingerprint, is_complete, latest_checkpoint, stage_output, read_done,
-                    stage_dir, train_stage)
+from .stage import (batch_plan, checkpoint_layout, config_change, fingerprint, is_complete, latest_checkpoint,
+                    stage_output, read_done, stage_dir, train_stage)
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +114,16 @@ def _eval_is_current(prev: Optional[Dict[str, Any]], h: str, recipe: Recipe, sco
         and prev.get("requested_max_new_tokens") == recipe.eval.max_new_tokens
 
 
-def eval_after_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Dict[str, Any]]:
+def eval_after_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
     """Score every dataset of stages 1..k (see ``eval_keys``) on stage k's output model.
 
     ``eval.scorer``: ``generate`` (greedy generation, the study's metric; the default) or
     ``teacher-forced`` (one forward pass per batch, exact token match). Results are cached in
     ``stage<k>/eval/<key>.json`` and reused while the stage, the scorer and the eval settings are unchanged.
+    ``h``: the stage hash, if the caller has it.
     """
     d = stage_dir(recipe, variant, k) / "eval"
-    h = stage_hash(fingerprint(recipe, variant, k))
+    h = h or stage_hash(fingerprint(recipe, variant, k))
     scorer = check_scorer(getattr(recipe.eval, "scorer", "generate"))
     results: Dict[str, Dict[str, Any]] = {}
     todo = []
@@ -193,15 +194,16 @@ def run_stage(recipe: Recipe, variant: Variant, k: int, evaluate: bool = True) -
                               f"the same recipe and overrides as stage{k - 1}, or rerun stage{k - 1}")
         raise ConfigError(f"variant {variant.name}: stage{k - 1} has no complete output in {prev}; "
                           f"run stage{k - 1} first")
-    if dist.broadcast_object(is_complete(recipe, variant, k)):
+    h = stage_hash(fingerprint(recipe, variant, k))   # once: the fingerprint loads the data of stages 1..k
+    if dist.broadcast_object(is_complete(recipe, variant, k, h)):
         if dist.is_main():
             log.info("%s/stage%d: complete output found, not retraining", variant.name, k)
         summary = read_done(stage_dir(recipe, variant, k))["summary"]
     else:
-        summary = train_stage(recipe, variant, k)
+        summary = train_stage(recipe, variant, k, h)
     result = {"summary": summary}
     if evaluate:
-        result["eval"] = eval_after_stage(recipe, variant, k)
+        result["eval"] = eval_after_stage(recipe, variant, k, h)
     return result
 
 
@@ -278,9 +280,10 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
             else:
                 first_change = not upstream_changes   # the first stage of the variant to (re)train
                 upstream_changes = True
-                tag = None
-                try:
-                    tag = latest_checkpoint(d / "checkpoints", h) if v.stages[k - 1].resume == "auto" else None
+                spec, tag = v.stages[k - 1], None
+                try:   # with the layout check of the run itself: a checkpoint it would refuse shows as such
+                    if spec.resume == "auto":
+                        tag = latest_checkpoint(d / "checkpoints", h, checkpoint_layout(recipe, spec, dist.world_size()))
                 except ConfigError as e:
                     tag = f"? ({e})"
                 if tag:

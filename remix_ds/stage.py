@@ -30,8 +30,8 @@ from . import dist
 from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
 from .data.formatting import Encoded, collate, collate_packed, encode_examples, pad_id_of
-from .engine import (Engine, adapter_tensor_size, load_ds_config, resolve_ds_config, resolve_precision, torch_dtype,
-                     write_json_atomic, zero_stage)
+from .engine import (Engine, adapt_zero_stage, adapter_tensor_size, load_ds_config, resolve_ds_config,
+                     resolve_precision, torch_dtype, write_json_atomic, zero_stage)
 from .errors import ConfigError
 from .evaluate import teacher_forced_accuracy
 from .adapters import local_model_dir, streaming_merge
@@ -151,6 +151,16 @@ def config_change(recipe: Recipe, variant: Variant, k: int) -> Optional[str]:
                                                  for key in keys)
     return "the stage keys are the same: a dataset or its contents, the seed, precision, max_seq_length, the " \
            "ds_config, the model, an earlier stage or remix_ds's fingerprint changed"
+
+
+def checkpoint_layout(recipe: Recipe, spec: StageSpec, world: int) -> Dict[str, Any]:
+    """What a DeepSpeed checkpoint of the stage cannot change (its completion marker records it): the number of
+    ranks, the resolved precision and the ZeRO stage the engine runs (``engine.adapt_zero_stage``)."""
+    precision = resolve_precision(recipe.precision)
+    cfg = load_ds_config(spec.ds_config or recipe.ds_config)
+    if spec.adapt_zero:
+        cfg = adapt_zero_stage(cfg, world, spec.finetune, precision, [])
+    return {"world_size": world, "precision": precision, "zero_stage": zero_stage(cfg)}
 
 
 def is_complete(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = None) -> bool:
@@ -332,7 +342,9 @@ def tensorboard_scalars(row: Dict[str, Any]) -> Dict[str, float]:
     return {f"teacher_forced_accuracy/{key}": float(v) for key, v in row.get("teacher_forced_accuracy", {}).items()}
 
 
-def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
+def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = None) -> Dict[str, Any]:
+    """Train stage k of a variant (resuming from a checkpoint of its config) and write its outputs. ``h``: the
+    stage hash, if the caller has it (the fingerprint loads the data of every stage up to k)."""
     spec: StageSpec = variant.stages[k - 1]
     if spec.tensorboard:
         try:
@@ -341,16 +353,11 @@ def train_stage(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
             raise ConfigError(f"{variant.name}/stage{k}: tensorboard: true needs the tensorboard package "
                               f"(pip install tensorboard, or pip install -e '.[tensorboard]')") from None
     out = stage_dir(recipe, variant, k)
-    fp = fingerprint(recipe, variant, k)
-    h = stage_hash(fp)
+    h = h or stage_hash(fingerprint(recipe, variant, k))
     world, rank = dist.world_size(), dist.rank()
     micro, gas = batch_plan(world, spec.global_batch_size, spec.micro_batch_size)
     precision = resolve_precision(recipe.precision)
-    # what a DeepSpeed checkpoint cannot change: ranks, precision and the ZeRO stage the engine runs
-    planned = resolve_ds_config(spec.ds_config or recipe.ds_config, global_batch_size=spec.global_batch_size,
-                                micro_batch_size=micro, grad_accum=gas, grad_clip=spec.grad_clip, precision=precision,
-                                hidden_size=1, finetune=spec.finetune, adapt=spec.adapt_zero, announce=False)
-    layout = {"world_size": world, "precision": precision, "zero_stage": zero_stage(planned)}
+    layout = checkpoint_layout(recipe, spec, world)
 
     ckpt_root = out / "checkpoints"
     found = None

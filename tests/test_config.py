@@ -279,3 +279,29 @@ def test_bundled_tiny_remix_recipe_is_valid_and_holds_its_controls():
     for name in ("full-s1fixed53", "mix1-r1-s1fixed53"):
         assert (by[name].stages[0].stop, by[name].stages[0].epochs) == ("fixed", 53)
     assert by["mix12-r1"].stages[1].mix is not None and by["mix1-r1"].stages[1].mix is None
+
+
+def test_dry_run_plan_checks_a_checkpoint_as_the_run_would(tmp_path):
+    """--dry-run's plan applies the run's own checkpoint layout check (stage.checkpoint_layout): a checkpoint of
+    this config written by another number of ranks shows as one the run would refuse, one written as this run
+    would write it as a resume."""
+    import json
+
+    from remix_ds.config import stage_hash
+    from remix_ds.pipeline import plan
+    from remix_ds.stage import checkpoint_layout, fingerprint, stage_dir
+
+    p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
+    r = load_recipe(str(p))
+    v = r.variants[0]
+    layout = checkpoint_layout(r, v.stages[0], 1)
+    assert layout["world_size"] == 1 and layout["zero_stage"] in (0, 1, 2, 3)
+    ckpt = stage_dir(r, v, 1) / "checkpoints" / "step4"
+    ckpt.mkdir(parents=True)
+    marker = {"step": 4, "hash": stage_hash(fingerprint(r, v, 1)), **layout}
+    (ckpt / "COMPLETE.json").write_text(json.dumps(marker))
+    row = plan(r, [v], [1])[0]
+    assert (row["action"], row["why"]) == ("resume", "from checkpoint step4")
+    (ckpt / "COMPLETE.json").write_text(json.dumps({**marker, "world_size": 4}))
+    row = plan(r, [v], [1])[0]
+    assert row["action"] == "resume" and "written with world_size 4" in row["why"], row

@@ -14,10 +14,13 @@ def test_full_fine_tuning_on_one_process_runs_without_zero_unless_it_offloads(mo
     import logging
 
     from remix_ds import dist
+    from remix_ds.engine import adapt_zero_stage, load_ds_config
 
     with caplog.at_level(logging.INFO, logger="remix_ds.engine"):   # one line says what runs and why
         resolve_ds_config("zero3", precision="bf16", finetune="full", **KW)
-        resolve_ds_config("zero3", precision="bf16", finetune="full", announce=False, **KW)
+        notes = []   # the stage choice alone (a checkpoint's layout, --dry-run) logs nothing
+        assert adapt_zero_stage(load_ds_config("zero3"), 1, "full", "bf16", notes)["zero_optimization"] == {"stage": 0}
+        assert len(notes) == 2 and "ZeRO-3 would partition nothing" in notes[0]
     said = [r.getMessage() for r in caplog.records if "ZeRO" in r.getMessage()]
     assert len(said) == 1 and "full fine-tuning on one process" in said[0] and "adapt_zero: false" in said[0], said
 
