@@ -192,31 +192,27 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
-def _answer_logits(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor):
-    """The output layer at the positions whose next token is trained only: (logits [n, vocab], their next
-    tokens [n], the [B, L-1] mask of those positions). `hidden` [B, L-1, H] holds the decoder's outputs at
-    every position but the last (which has no next token)."""
-    target = labels[:, 1:]
-    keep = target != -100
-    return head(hidden[keep]), target[keep], keep
-
-
 def answer_positions(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(flat indices into the [B, L-1] positions whose next token is trained, those next tokens), computed
-    where `labels` lies (on the host, before the batch goes to the device): selecting the answer positions
-    by index on the device needs no device-to-host sync, a boolean mask does (its count sizes the output)."""
+    """(flat indices into the [B, L-1] positions whose next token is trained, those next tokens). Computed on
+    the host, before the batch goes to the device (``Engine.micro_step``), they select the answer positions on
+    the device without a device-to-host sync; on the device they cost one (the count sizes the output)."""
     target = labels[:, 1:]
     keep = (target != -100).reshape(-1)
     index = keep.nonzero().squeeze(1)
     return index, target.reshape(-1)[index]
 
 
+def _answer_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows of `hidden` [B, L-1, H] at the flat positions `index`: [n, H]."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+
+
 def answer_argmax(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
     """Greedy next tokens [B, L-1] where the next label is trained (-1 elsewhere): the output layer and the
     argmax run only over those positions, never over the full [B, L, vocab] logits. `hidden`: [B, L-1, H]."""
-    logits, _, keep = _answer_logits(hidden, head, labels)
-    pred = torch.full(keep.shape, -1, dtype=torch.long, device=hidden.device)
-    pred[keep] = logits.argmax(-1)
+    index, _ = answer_positions(labels)
+    pred = torch.full(labels[:, 1:].shape, -1, dtype=torch.long, device=hidden.device)
+    pred.view(-1)[index] = head(_answer_rows(hidden, index)).argmax(-1)
     return pred
 
 
@@ -280,11 +276,10 @@ class AnswerLoss(torch.nn.Module):
         hidden = hidden[:, :labels.shape[1] - 1]   # [B, L-1, H] (a one-token batch: no position to train)
         if predict:   # teacher-forced scoring: the greedy token at each answer position
             return answer_argmax(hidden, head, labels)
-        if answer_index is not None:   # answer_positions(labels), on the device: no host sync
-            logits, target = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, answer_index)), answer_target
-        else:
-            logits, target, _ = _answer_logits(hidden, head, labels)
-        return F.cross_entropy(logits.float(), target, reduction="sum")
+        if answer_index is None:   # Engine.micro_step passes them computed on the host (no device sync)
+            answer_index, answer_target = answer_positions(labels)
+        logits = head(_answer_rows(hidden, answer_index))
+        return F.cross_entropy(logits.float(), answer_target, reduction="sum")
 
 
 def adapt_zero_stage(cfg: Dict[str, Any], world_size: int, finetune: str, precision: str,
