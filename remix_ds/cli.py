@@ -240,14 +240,16 @@ def stage_dir_model(path: str):
             cfg = json.load(f)
     except (OSError, ValueError):
         return None
-    if not ("variant" in cfg and "stage" in cfg and "base_model" in cfg):
+    if not ("variant" in cfg and "stage" in cfg and "base_model" in cfg and "spec" in cfg):
         return None
     if not os.path.isfile(os.path.join(path, "DONE.json")):
         raise ConfigError(f"--model {path!r}: the stage has no complete output (no DONE.json)")
-    for name in ("model", "merged"):
-        if os.path.isdir(os.path.join(path, name)):
-            return os.path.join(path, name), []
-    return cfg["base_model"], list(cfg.get("frozen_adapters") or []) + [os.path.join(path, "adapter")]
+    from pathlib import Path
+
+    from .stage import output_of
+
+    return output_of(Path(path), cfg["spec"]["finetune"], cfg["spec"]["merge"],
+                     lambda: (cfg["base_model"], list(cfg.get("frozen_adapters") or [])))
 
 
 def build_tiny_main(argv: Optional[List[str]] = None) -> None:

@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -50,12 +50,18 @@ def stage_dir(recipe: Recipe, variant: Variant, k: int) -> Path:
 def stage_output(recipe: Recipe, variant: Variant, k: int) -> Tuple[str, List[str]]:
     """(model directory, adapters kept active on it) that stage k hands on to stage k+1 and evaluation."""
     spec = variant.stages[k - 1]
-    d = stage_dir(recipe, variant, k)
-    if spec.finetune == "full":
+    return output_of(stage_dir(recipe, variant, k), spec.finetune, spec.merge, lambda: stage_input(recipe, variant, k))
+
+
+def output_of(d: Path, finetune: str, merge: bool, stage_in: Callable[[], Tuple[str, List[str]]]
+              ) -> Tuple[str, List[str]]:
+    """``stage_output`` for the stage directory `d`: its full or merged model, or (LoRA with merge: false) the
+    stage's input (``stage_in()``: base directory, adapters already on it) with its own adapter on top."""
+    if finetune == "full":
         return str(d / "model"), []
-    if spec.merge:
+    if merge:
         return str(d / "merged"), []
-    base, adapters = stage_input(recipe, variant, k)
+    base, adapters = stage_in()
     return base, adapters + [str(d / "adapter")]
 
 
