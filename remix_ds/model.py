@@ -60,13 +60,14 @@ def load_for_training(path: str, finetune: str, lora: LoraSpec, ds_config: Dict[
     keep = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     if finetune == "full" and uses_torch_autocast(ds_config):
         dtype = torch.float32   # the optimizer steps these weights: fp32 masters, the forward cast by autocast
-    kwargs: Dict[str, Any] = {"dtype": dtype}
     if finetune == "qlora":
-        kwargs["quantization_config"] = quantization_config(dtype, ds_config)
+        kwargs: Dict[str, Any] = {}
         if torch.cuda.is_available() and zero_stage(ds_config) != 3:
             from . import dist
             kwargs["device_map"] = {"": dist.local_rank()}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = load_4bit(path, dtype, ds_config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.config.use_cache = False
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.2x
@@ -96,6 +97,33 @@ def load_for_training(path: str, finetune: str, lora: LoraSpec, ds_config: Dict[
                  ",".join(lora.target_modules), n_train,
                  f" (+{len(frozen_adapters)} frozen adapter(s))" if frozen_adapters else "")
     return model, keep
+
+
+def load_4bit(path: str, dtype: torch.dtype, ds_config: Optional[Dict[str, Any]] = None, **kwargs):
+    """A QLoRA base: the model at `path` with NF4 linear layers (``quantization_config``) computing in `dtype`
+    on every device (``keep_4bit_compute_dtype``). `kwargs` go to ``from_pretrained`` (a device_map, say)."""
+    from transformers import AutoModelForCausalLM
+
+    q = quantization_config(dtype, ds_config)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=q, **kwargs)
+    keep_4bit_compute_dtype(model)
+    return model
+
+
+def keep_4bit_compute_dtype(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' 4-bit layers on their training kernels on CPU (returns how many layers).
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weight in place at its first forward
+    in eval mode without gradients, for a bf16 inference kernel (``gemv_4bit``); every later forward on the CPU,
+    in training too, then takes that kernel, which has no backward: after one evaluation, QLoRA gradients of
+    every layer below a 4-bit one are silently wrong (``tests/test_engine.py``), and evaluation itself computes
+    in bf16 instead of the compute dtype training used. Off for every 4-bit layer of the model."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def skip_adapter_input_casts(model: torch.nn.Module) -> int:

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_AB_HEADER, run_cli, write_recipe
 from remix_ds.adapters import streaming_merge
-from remix_ds.model import load_for_eval, merge_adapter, quantization_config
+from remix_ds.model import load_4bit, load_for_eval, merge_adapter
 
 CPU = torch.device("cpu")
 
@@ -67,11 +67,9 @@ def test_stacked_adapters_merge_equals_both_active(tiny_dir, tmp_path):
 
 def test_qlora_adapter_merges_into_dequantized_weights(tiny_dir, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     adapter = make_adapter(tiny_dir, tmp_path / "q", seed=4)
-    q = quantization_config(torch.float32)
-    base4 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, quantization_config=q)
+    base4 = load_4bit(tiny_dir, torch.float32)
     trained_fn = PeftModel.from_pretrained(base4, adapter).eval()
     streaming_merge(tiny_dir, adapter, str(tmp_path / "m16"), dtype=torch.float32, nf4=True)
     merged = load_for_eval(str(tmp_path / "m16"), torch.float32, CPU)
@@ -88,11 +86,10 @@ def test_qlora_merge_quantises_the_weights_training_saw(tiny_dir, tmp_path):
     """The tiny model is stored in fp32; QLoRA in bf16 quantises each weight's bf16 cast. The merge must
     round-trip that cast, not the file's fp32 (a whole NF4 step apart on some elements)."""
     import bitsandbytes.functional as bnbf
-    from transformers import AutoModelForCausalLM
 
     adapter = make_adapter(tiny_dir, tmp_path / "q", seed=5)
     bf16 = torch.bfloat16
-    base4 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=bf16, quantization_config=quantization_config(bf16))
+    base4 = load_4bit(tiny_dir, bf16)
     key = "model.layers.0.mlp.down_proj.weight"
     w4 = base4.model.layers[0].mlp.down_proj.weight
     seen = bnbf.dequantize_4bit(w4.data, w4.quant_state, quant_type="nf4").float()   # what training used
@@ -158,13 +155,11 @@ def test_stacked_adapters_reload_to_training_logits(combo):
 
 def test_qlora_stage_reloads_to_training_logits_and_merges(combo):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     d = combo / "qlora-qlora" / "stage2"
     cfg = json.load(open(d / "config.json"))
     probe = torch.load(d / "probe_logits.pt")
-    q = quantization_config(torch.float32)
-    base4 = AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=torch.float32, quantization_config=q)
+    base4 = load_4bit(cfg["base_model"], torch.float32)
     model = PeftModel.from_pretrained(base4, str(d / "adapter")).eval()
     merged = load_for_eval(str(d / "merged"), torch.float32, CPU)
     b = probe["batch"]

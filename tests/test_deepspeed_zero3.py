@@ -94,12 +94,10 @@ def test_zero3_saved_weights_reload_to_training_logits(z3run, tiny_dir, variant,
                         load_for_eval(str(d / "merged"), torch.float32, torch.device("cpu"))]
         else:  # the 4-bit base + adapter the engine trained, and the merge into its dequantised weights
             from peft import PeftModel
-            from transformers import AutoModelForCausalLM
 
-            from remix_ds.model import quantization_config
+            from remix_ds.model import load_4bit
 
-            base4 = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
-                                                         quantization_config=quantization_config(torch.float32))
+            base4 = load_4bit(base, torch.float32)
             reloaded = [PeftModel.from_pretrained(base4, str(d / "adapter")).eval(),
                         load_for_eval(str(d / "merged"), torch.float32, torch.device("cpu"))]
     batch = probe["batch"]

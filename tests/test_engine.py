@@ -393,3 +393,47 @@ def test_lora_under_autocast_skips_peft_input_casts_with_the_same_results(tiny_d
     (loss_skip, g_skip), (loss_cast, g_cast) = run(False), run(True)
     assert torch.equal(loss_skip, loss_cast)
     assert all(torch.equal(a, b) for a, b in zip(g_skip, g_cast)) and all(g.abs().sum() > 0 for g in g_skip)
+
+
+def test_qlora_gradients_after_an_evaluation_are_those_before_it(tiny_dir):
+    """A QLoRA stage evaluates between epochs. On a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight
+    at its first eval-mode forward without gradients for a bf16 inference kernel that has no backward, and
+    every later training forward takes it: load_for_training turns that off, so the adapter gradients after an
+    evaluation are exactly those before it (on a CPU without AVX512-BF16 bitsandbytes never repacks)."""
+    import torch
+
+    from remix_ds.config import LoraSpec
+    from remix_ds.data.formatting import collate, encode_example, pad_id_of
+    from remix_ds.data.kvr import kvr_examples
+    from remix_ds.engine import AnswerLoss
+    from remix_ds.model import load_for_training, load_tokenizer
+
+    cfg = resolve_ds_config("zero2", precision="fp32", finetune="qlora", **KW)
+    torch.manual_seed(0)
+    model, _ = load_for_training(tiny_dir, "qlora", LoraSpec(r=4, alpha=8), cfg, torch.float32)
+    four_bit = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)
+    with torch.no_grad():   # non-zero lora_B: every adapter tensor gets a gradient, through every 4-bit layer
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tok = load_tokenizer(tiny_dir)
+    batch = collate([encode_example(tok, e, i) for i, e in enumerate(kvr_examples(8, 0))], pad_id_of(tok))
+    head = AnswerLoss(model)
+
+    def grads():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        head(batch["input_ids"], batch["attention_mask"], batch["labels"]).backward()
+        return [p.grad.clone() for p in params]
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():   # what the stage's evaluation runs: teacher-forced argmax, then full logits
+        head(batch["input_ids"], batch["attention_mask"], batch["labels"], None, True)
+        head(batch["input_ids"], batch["attention_mask"])
+    after = grads()
+    assert all(g.abs().sum() > 0 for g in before)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
