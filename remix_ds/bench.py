@@ -166,6 +166,10 @@ def environment(device: torch.device) -> Dict[str, Any]:
     if _is_cuda(device):
         env["device_name"] = torch.cuda.get_device_name(device)
         env["device_mem_gib"] = round(torch.cuda.get_device_properties(device).total_memory / GIB, 1)
+        env["cudnn"] = torch.backends.cudnn.version()
+        # torch puts cuDNN attention first on sm90/sm100 with a recent cuDNN unless told not to (sdp_utils.cpp)
+        env["sdpa_env"] = {k: os.environ[k] for k in ("TORCH_CUDNN_SDPA_DEPRIORITIZED", "TORCH_CUDNN_SDPA_PREFERRED")
+                           if k in os.environ}
     else:
         env["device_name"] = platform.processor() or platform.machine()
     try:
@@ -918,6 +922,8 @@ class Bench:
             rm["meets_target"] = rm["ratio_vs_naive_longest"] >= PADDING_TARGET
             if a.profile:   # the packed step and the padded one it is compared with, operator by operator
                 stem = os.path.splitext(a.out)[0]
+                if os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED"):   # launch/bench_gpu.sh's second padding run
+                    stem += ".cudnn-sdpa-off"
                 for name, runner, batches, _ in runs:
                     if name in ("naive_longest", "remix_ds"):
                         results[name]["profile_file"] = profile_steps(
