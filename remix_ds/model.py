@@ -118,12 +118,7 @@ def keep_4bit_compute_dtype(model: torch.nn.Module) -> int:
     in training too, then takes that kernel, which has no backward: after one evaluation, QLoRA gradients of
     every layer below a 4-bit one are silently wrong (``tests/test_engine.py``), and evaluation itself computes
     in bf16 instead of the compute dtype training used. Off for every 4-bit layer of the model."""
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
+    return _switch_off(model, "support_avx512bf16_for_cpu")
 
 
 def skip_adapter_input_casts(model: torch.nn.Module) -> int:
@@ -134,10 +129,15 @@ def skip_adapter_input_casts(model: torch.nn.Module) -> int:
     gradient in the backward, the same values either way (a 16-bit value is exact in fp32). On an H100 these
     copies were about a fifth of an 8B LoRA step's kernel time (``aten::copy_``, docs/benchmarks.md).
     PEFT's 4-bit (QLoRA) layers already skip the cast under autocast."""
+    return _switch_off(model, "cast_input_dtype_enabled")
+
+
+def _switch_off(model: torch.nn.Module, flag: str) -> int:
+    """Set the boolean attribute `flag` to False on every submodule that has it; how many had it."""
     n = 0
     for m in model.modules():
-        if hasattr(m, "cast_input_dtype_enabled"):
-            m.cast_input_dtype_enabled = False
+        if hasattr(m, flag):
+            setattr(m, flag, False)
             n += 1
     return n
 
