@@ -13,15 +13,16 @@
 # timed in the same process, right before the DeepSpeed configs it is compared with; every DeepSpeed case runs
 # as a stage would: on one GPU ZeRO-3 runs as ZeRO-2, and LoRA/QLoRA from zero2 run without ZeRO under autocast):
 #   1. llama-1b: full fine-tuning, plain vs ZeRO-2 vs ZeRO-3; padding comparison (naive padded batching vs the
-#      stage's packing)
+#      stage's packing, then pad-to-longest and packing again with cuDNN attention excluded from SDPA, in the
+#      same process: torch puts cuDNN first on sm90/sm100 with cuDNN >= 9.15, and cuDNN builds an execution graph
+#      per attention shape, which packed batches change every step; docs/benchmarks.md)
 #   2. llama-8b: generation vs teacher-forced scoring; LoRA r=16 on all linear layers, plain vs zero2
 #   3. llama-8b QLoRA (NF4) r=16, plain vs zero2 (skipped with BENCH_QLORA=0, or when bitsandbytes is missing)
-#   3b. llama-1b padding comparison again with cuDNN attention deprioritized (TORCH_CUDNN_SDPA_DEPRIORITIZED=1;
-#      BENCH_CUDNN_OFF=0 leaves it out): torch puts cuDNN first on sm90/sm100 with cuDNN >= 9.15, and cuDNN builds
-#      an execution graph per attention shape, which packed batches change every step (docs/benchmarks.md)
+#   3b. only with BENCH_CUDNN_OFF=1: the llama-1b padding comparison again in a process started with cuDNN
+#      attention deprioritized (TORCH_CUDNN_SDPA_DEPRIORITIZED=1), a second check of part 1's no-cuDNN cases
 #   4. only with BENCH_AS_WRITTEN=1: llama-8b LoRA with zero2 as written (DeepSpeed bf16 ZeRO-2), to compare
 # Expected: about 5 to 6 minutes on one H100/H200 (much of it writing and loading the 8B weights). Each part has
-# its own time limit (150 s, 270 s, 150 s: the first three fit one 600 s device call; then 120 s, 180 s), so that a hang
+# its own time limit (170 s, 270 s, 150 s: the first three fit one 600 s device call; then 120 s, 180 s), so that a hang
 # cannot lose the other parts' results.
 #
 # Results: JSON lines appended to $OUT/bench.jsonl when OUT is set (else runs/bench.jsonl), the console log
@@ -80,7 +81,7 @@ run() {  # run LIMIT_SECONDS ARGS...: one bench process under its own time limit
 CASES_1B="full:zero2,full:zero3,padding"
 [ "${BENCH_OFFLOAD:-0}" = 1 ] && CASES_1B="full:zero2,full:zero3,full:zero2_offload,padding"
 PADDING=(--padding-mode full --padding-config zero2 --padding-words "${BENCH_PADDING_WORDS:-8}" --padding-mix-ratio "${BENCH_PADDING_MIX_RATIO:-1}")
-run 150 --shape llama-1b --cases "$CASES_1B" "${PADDING[@]}" --profile "${BENCH_PROFILE:-2}"
+run 170 --shape llama-1b --cases "$CASES_1B" "${PADDING[@]}" --profile "${BENCH_PROFILE:-2}"
 CASES_8B="eval,lora:zero2"
 [ "${BENCH_EVAL:-1}" = 0 ] && CASES_8B="lora:zero2"
 run 270 --shape llama-8b --cases "$CASES_8B" --profile "${BENCH_PROFILE:-2}"
@@ -92,7 +93,7 @@ if [ "${BENCH_QLORA:-1}" = 1 ]; then
     fi
 fi
 # last: the three parts above fit one 600 s device call without it
-if [ "${BENCH_CUDNN_OFF:-1}" = 1 ]; then
+if [ "${BENCH_CUDNN_OFF:-0}" = 1 ]; then
     TORCH_CUDNN_SDPA_DEPRIORITIZED=1 TORCH_CUDNN_SDPA_PREFERRED=0 run 120 --shape llama-1b --cases padding "${PADDING[@]}" --profile "${BENCH_PROFILE:-2}"
 fi
 [ "${BENCH_AS_WRITTEN:-0}" = 1 ] && run 180 --shape llama-8b --cases lora:zero2 --no-adapt-zero

@@ -471,6 +471,41 @@ class RemixCase(TrainCase):
         release_zero3(self.keep)
 
 
+NO_CUDNN, TORCH_SDPA = "_no_cudnn", "_torch_sdpa"
+
+
+class SdpaChoice(TrainCase):
+    """Another case's steps with SDPA's backends chosen otherwise: `backends` for every attention (the engine's
+    packed micro-batches included), or None for torch's own choice everywhere.
+
+    A stage's packed micro-batches on CUDA train without cuDNN attention (``engine.packed_sdpa_backends``: cuDNN
+    builds an execution graph per attention shape, and packed shapes change at nearly every step); padded ones
+    take torch's choice, which on an H100/H200 with cuDNN >= 9.15 is cuDNN. Timed beside the case it wraps, in the
+    same process, on the same engine and batches, this measures both choices for both batchings. Counts its own
+    tokens and leaves the wrapped case's count alone, so the two can be timed interleaved."""
+
+    def __init__(self, inner: TrainCase, engine, backends: Optional[list]):
+        self.inner, self.engine, self.backends = inner, engine, backends
+
+    def step(self, chunk) -> torch.Tensor:
+        from .engine import _sdpa_backends
+
+        before, saved = self.inner.processed_tokens, self.engine.packed_sdpa
+        self.engine.packed_sdpa = self.backends
+        try:
+            with _sdpa_backends(self.backends):
+                loss = self.inner.step(chunk)
+        finally:
+            self.engine.packed_sdpa = saved
+        self.processed_tokens += self.inner.processed_tokens - before
+        self.inner.processed_tokens = before   # the wrapped case's own count is its own steps'
+        return loss
+
+
+def _backend_names(backends: Optional[list]) -> str:
+    return "torch's choice" if not backends else ", ".join(b.name for b in backends)
+
+
 class _Skip(Exception):
     pass
 
@@ -839,6 +874,10 @@ class Bench:
         order = stage.epoch_order(len(enc), self.args.seed, 1, 0)
         return [[enc[i] for i in order[s * G:(s + 1) * G]] for s in range(len(enc) // G)], "stage.epoch_order"
 
+    def _sdpa_variants(self) -> bool:
+        a = self.args.padding_sdpa_variants
+        return _is_cuda(self.device) if a == "auto" else a == "on"
+
     def run_padding(self) -> None:
         from . import stage
         from .data.formatting import collate, encode_examples
@@ -895,6 +934,18 @@ class Bench:
                      "random batches, padded to the longest sequence of the batch"),
                     ("remix_ds", case, remix_batches, f"the stage's batching ({how} + stage.global_step, "
                      + (f"packing into rows of {pack} tokens)" if pack else "packing off)"))]
+            sdpa = {name: None for name, *_ in runs}
+            sdpa["remix_ds"] = case.eng.packed_sdpa   # padded micro-batches (if any) take torch's choice
+            if self._sdpa_variants():   # the other attention choice for pad-to-longest and the stage, in this process
+                from .engine import packed_sdpa_backends
+
+                no_cudnn = packed_sdpa_backends(torch.device("cuda"))
+                by_name = {r[0]: r for r in runs}
+                sdpa.update({f"naive_longest{NO_CUDNN}": no_cudnn, f"remix_ds{TORCH_SDPA}": None})
+                runs += [(f"naive_longest{NO_CUDNN}", SdpaChoice(by_name["naive_longest"][1], case.eng, no_cudnn),
+                          naive_batches, f"{by_name['naive_longest'][3]}; SDPA without cuDNN attention"),
+                         (f"remix_ds{TORCH_SDPA}", SdpaChoice(case, case.eng, None), remix_batches,
+                          f"{by_name['remix_ds'][3]}; SDPA backends of torch's own choice for packed micro-batches too")]
             if any(len(batches) < 1 for _, _, batches, _ in runs):
                 raise RuntimeError("too few examples for one global batch")
             if self.interleave:
@@ -910,12 +961,19 @@ class Bench:
             for (name, _, _, desc), r, m in zip(runs, timed, mems):
                 r.update(m)
                 r["pad_fraction"] = round(1 - r["padfree_tokens"] / max(1, r["processed_tokens"]), 4)
-                results[name] = {**base, "case": f"padding:{name}", "impl": "remix_ds" if name == "remix_ds" else
-                                 "naive", "batching": desc, **r, "status": "ok"}
-            rm = results["remix_ds"]
-            for naive in ("naive_max_length", "naive_dataset_longest", "naive_longest"):
-                rm[f"ratio_vs_{naive}"] = round(speed(rm, "padfree_tokens_per_s") /
-                                                speed(results[naive], "padfree_tokens_per_s"), 4)
+                results[name] = {**base, "case": f"padding:{name}", "impl": "remix_ds" if name.startswith("remix_ds")
+                                 else "naive", "batching": desc, **r, "status": "ok"}
+                results[name]["sdpa_backends"] = _backend_names(sdpa[name])
+            for key in [k for k in results if k.startswith("remix_ds")]:
+                rm = results[key]
+                for naive in ("naive_max_length", "naive_dataset_longest", "naive_longest"):
+                    rm[f"ratio_vs_{naive}"] = round(speed(rm, "padfree_tokens_per_s") /
+                                                    speed(results[naive], "padfree_tokens_per_s"), 4)
+                if f"naive_longest{NO_CUDNN}" in results:
+                    rm[f"ratio_vs_naive_longest{NO_CUDNN}"] = round(
+                        speed(rm, "padfree_tokens_per_s") /
+                        speed(results[f"naive_longest{NO_CUDNN}"], "padfree_tokens_per_s"), 4)
+            rm = results["remix_ds"]   # the target is checked on the stage's path as it runs
             rm["ratio_basis"] = "median step" if "tokens_per_s_median" in rm else "mean step"
             rm["target_ratio"] = PADDING_TARGET
             rm["target_baseline"] = "naive_longest"
@@ -925,7 +983,7 @@ class Bench:
                 if os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED"):   # launch/bench_gpu.sh's second padding run
                     stem += ".cudnn-sdpa-off"
                 for name, runner, batches, _ in runs:
-                    if name in ("naive_longest", "remix_ds"):
+                    if name in ("naive_longest", "remix_ds", f"remix_ds{TORCH_SDPA}"):
                         results[name]["profile_file"] = profile_steps(
                             runner, batches, a.profile, case.device, f"{stem}.profile-{a.shape}-padding-{name}.txt")
         except Exception as e:
@@ -967,8 +1025,8 @@ class Bench:
                       f"{speed(r, 'padfree_tokens_per_s'):>10,.0f} {self._step_ms(r):>9.1f} {r['peak_mem_gib']:>9.2f} "
                       f"{(f'{ratio:.3f}' if ratio else ''):>7s} {target:>9s}"
                       + (f"  (vs pad-to-longest; x{r['ratio_vs_naive_dataset_longest']:.3f} vs "
-                         f"pad-to-dataset-longest, x{r['ratio_vs_naive_max_length']:.3f} vs pad-to-max)"
-                         if r.get("ratio_vs_naive_longest") else ""))
+                         f"pad-to-dataset-longest, x{r['ratio_vs_naive_max_length']:.3f} vs pad-to-max"
+                         + _no_cudnn_ratio(r) + ")" if r.get("ratio_vs_naive_longest") else ""))
             elif r["bench"] == "eval":
                 target = f">={r['target_ratio']:g} {'ok' if r['meets_target'] else 'NO'}"
                 print(f"{'eval: generate':26s} {'':9s} {r['generate_questions_per_s']:>10,.1f} q/s")
@@ -976,9 +1034,15 @@ class Bench:
                       f"{'':24s}{r['ratio']:>7.2f} {target:>9s}")
 
 
+def _no_cudnn_ratio(r: Dict[str, Any]) -> str:
+    v = r.get(f"ratio_vs_naive_longest{NO_CUDNN}")
+    return f", {v:.3f} vs pad-to-longest without cuDNN attention" if v else ""
+
+
 def _ran_as(r: Dict[str, Any]) -> str:
     if r["bench"] == "padding":
-        return f"{r.get('pad_fraction', 0) * 100:.1f}% padding"
+        return f"{r.get('pad_fraction', 0) * 100:.1f}% padding" + \
+            (f"; SDPA: {r['sdpa_backends']}" if r.get("sdpa_backends") not in (None, "torch's choice") else "")
     if r.get("impl") == PLAIN:
         return "plain" + (" (DDP)" if r.get("world_size", 1) > 1 else "")
     if r.get("zero_stage") is None:
@@ -1022,7 +1086,8 @@ def markdown_summary(records: List[Dict[str, Any]], run_id: Optional[str] = None
                 continue
             ratio = r.get("ratio_tokens_per_s") or r.get("ratio_vs_naive_longest")
             extra = (f" (vs pad-to-longest; {r['ratio_vs_naive_dataset_longest']:.3f} vs dataset-longest, "
-                     f"{r['ratio_vs_naive_max_length']:.3f} vs pad-to-max)" if r.get("ratio_vs_naive_longest") else "")
+                     f"{r['ratio_vs_naive_max_length']:.3f} vs pad-to-max{_no_cudnn_ratio(r)})"
+                     if r.get("ratio_vs_naive_longest") else "")
             paired = f" (paired with {r['paired_with']})" if r.get("paired_with") else ""
             step_ms = 1e3 * (r.get("step_time_median_s") or r["step_time_s"])
             out.append(f"| {case}{paired} | {_ran_as(r)} | {speed(r):,.0f} | {speed(r, 'padfree_tokens_per_s'):,.0f} | "
@@ -1100,6 +1165,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padding bench: run the stage with packing off (default: on, as `packing: true`)")
     p.add_argument("--eval-questions", type=int, default=None, help="eval bench: questions (default 2 x batch)")
     p.add_argument("--model-dir", default=None, help="use/write the shape's model in this directory instead")
+    p.add_argument("--padding-sdpa-variants", default="auto", choices=["auto", "on", "off"],
+                   help="padding bench: also time pad-to-longest with cuDNN attention excluded from SDPA "
+                        "(padding:naive_longest_no_cudnn) and the stage's batching with torch's own SDPA choice for "
+                        "packed micro-batches (padding:remix_ds_torch_sdpa), in the same process; auto: on CUDA")
     p.add_argument("--timing", default="auto", choices=["auto", "sequential", "interleaved"],
                    help="sequential: each case's steps back to back, one device sync at each end; interleaved: "
                         "the compared runs take turns step by step, each step timed (robust to other load on a "

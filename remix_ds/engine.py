@@ -357,6 +357,22 @@ def _without_zero(cfg: Dict[str, Any], precision: str) -> Dict[str, Any]:
     return cfg
 
 
+def packed_sdpa_backends(device: torch.device) -> Optional[list]:
+    """The SDPA backends a packed micro-batch (a [rows, 1, L, L] block-diagonal mask) trains with on `device`:
+    on CUDA every backend but cuDNN attention; elsewhere None (torch's own choice).
+
+    torch prefers cuDNN attention on sm90/sm100 GPUs (H100, H200) when the cuDNN is 9.15 or newer, and cuDNN
+    builds an execution graph on the host for every new problem shape (rows, heads, lengths, mask); packed
+    micro-batches change rows and width at nearly every step, so each step would pay a graph build. The
+    memory-efficient kernel takes the same mask with no per-shape graph. (Session 5's H100 measured packed steps
+    at 0.49x the speed of padded ones with torch's choice; the cause is not yet confirmed: launch/bench.py times
+    both, docs/benchmarks.md.)"""
+    if device.type != "cuda":
+        return None
+    from torch.nn.attention import SDPBackend
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class Engine:
     """Owns one ``deepspeed.initialize`` for one stage."""
 
@@ -384,6 +400,8 @@ class Engine:
             model=AnswerLoss(model), optimizer=opt, lr_scheduler=sched, config=init_cfg)
         self.zero_stage = zero_stage(ds_config)
         self.device = self.engine.device
+        # SDPA backends for packed micro-batches (None: torch's choice); padded ones always take torch's choice
+        self.packed_sdpa: Optional[list] = packed_sdpa_backends(self.device)
         if self.zero_stage == 0 and dist.world_size() == 1:
             # nothing to average on one process, but DeepSpeed would still flatten every gradient into a
             # bucket, "all-reduce" it and copy it back after each backward (host time on every step)
@@ -426,9 +444,11 @@ class Engine:
         index, target = answer_positions(labels) if labels.device.type == "cpu" else (None, None)
         dev = self.to_device
         pos = batch.get("position_ids")
-        loss_sum = self.engine(dev(batch["input_ids"]), dev(batch["attention_mask"]), dev(labels),
-                               None if pos is None else dev(pos), False,
-                               None if index is None else dev(index), None if target is None else dev(target))
+        mask = batch["attention_mask"]
+        with _sdpa_backends(self.packed_sdpa if mask.dim() == 4 else None):   # the backward runs the forward's kernel
+            loss_sum = self.engine(dev(batch["input_ids"]), dev(mask), dev(labels),
+                                   None if pos is None else dev(pos), False,
+                                   None if index is None else dev(index), None if target is None else dev(target))
         self.engine.backward(loss_sum * scale)
         return loss_sum.detach()
 
@@ -546,6 +566,14 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+def _sdpa_backends(backends: Optional[list]):
+    """torch.nn.attention.sdpa_kernel(backends), or nothing for None."""
+    if not backends:
+        return _nullcontext()
+    from torch.nn.attention import sdpa_kernel
+    return sdpa_kernel(backends)
 
 
 def atomic_save(out_dir: str, write: Callable[[str], Any]) -> None:

@@ -27,7 +27,7 @@ def one_process(tmp_path_factory, tiny_dir):
     tmp = tmp_path_factory.mktemp("bench1")
     out = tmp / "bench.jsonl"
     res = run_cli([sys.executable, "launch/bench.py", "--cases", "full:zero2,lora:zero2,qlora:zero2,eval,padding",
-                   "--profile", "1", *SMALL, "--out", str(out)], timeout=600)
+                   "--profile", "1", "--padding-sdpa-variants", "on", *SMALL, "--out", str(out)], timeout=600)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     return tmp, res, _records(out)
 
@@ -63,7 +63,7 @@ def test_bench_tiny_full_lora_qlora_eval_padding(one_process):
     # padding: the same examples under each batching; the stage's packing leaves far less padding
     pad = {r["case"]: r for r in recs if r["bench"] == "padding"}
     assert set(pad) == {"padding:naive_max_length", "padding:naive_dataset_longest", "padding:naive_longest",
-                        "padding:remix_ds"}
+                        "padding:remix_ds", "padding:naive_longest_no_cudnn", "padding:remix_ds_torch_sdpa"}
     assert len({r["padfree_tokens"] for r in pad.values()}) == 1
     naive, remix = pad["padding:naive_longest"], pad["padding:remix_ds"]
     assert remix["packing"] is True and remix["pad_fraction"] < 0.5 * naive["pad_fraction"], (remix, naive)
@@ -72,6 +72,17 @@ def test_bench_tiny_full_lora_qlora_eval_padding(one_process):
     assert remix["processed_tokens"] < naive["processed_tokens"] and remix["ratio_vs_naive_longest"] > 0
     for r in (naive, remix):   # --profile covers the packed step and the padded one it is compared with
         assert "aten::" in open(r["profile_file"]).read()
+    # --padding-sdpa-variants on: pad-to-longest without cuDNN attention and the stage's batching with torch's own
+    # SDPA choice, each counted by its wrapper alone (timed interleaved with the case it wraps, same engine/batches)
+    for name, like, backends in (("padding:naive_longest_no_cudnn", naive, "FLASH_ATTENTION, EFFICIENT_ATTENTION, MATH"),
+                                 ("padding:remix_ds_torch_sdpa", remix, "torch's choice")):
+        r = pad[name]
+        assert r["sdpa_backends"] == backends
+        assert r["processed_tokens"] == like["processed_tokens"] and r["padfree_tokens"] == like["padfree_tokens"]
+        assert r["impl"] == like["impl"] and "SDPA" in r["batching"]
+    assert remix["sdpa_backends"] == naive["sdpa_backends"] == "torch's choice"   # CPU: packed_sdpa_backends is None
+    assert pad["padding:remix_ds_torch_sdpa"]["ratio_vs_naive_longest_no_cudnn"] > 0
+    assert "meets_target" not in pad["padding:remix_ds_torch_sdpa"]   # the target: the stage's path as it runs
 
 
 def test_bench_cases_parse():
@@ -116,7 +127,8 @@ def test_bench_on_two_ranks_sums_over_ranks_and_trains_as_one_process(one_proces
     _, _, ones = one_process
     out = tmp_path / "two.jsonl"
     res = run_cli(["deepspeed", "--num_gpus", "2", "launch/bench.py", "--cases", "full:zero2,full:zero3,lora:zero2,"
-                   "padding", *SMALL, "--out", str(out)], timeout=600, env={"OMP_NUM_THREADS": "1"})
+                   "padding", "--padding-sdpa-variants", "on", *SMALL, "--out", str(out)], timeout=600,
+                  env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     twos = _records(out)
     assert all(r["status"] == "ok" and r["world_size"] == 2 for r in twos), [(r["case"], r.get("reason")) for r in twos]
@@ -125,7 +137,8 @@ def test_bench_on_two_ranks_sums_over_ranks_and_trains_as_one_process(one_proces
     # ZeRO-3 really partitions on two ranks; LoRA from zero2 runs without ZeRO, its gradients all-reduced
     assert two[("full:zero3", None)]["zero_stage"] == 3 and two[("lora:zero2", None)]["zero_stage"] == 0
     for key in [("full:plain", "zero2"), ("full:zero2", None), ("lora:plain", "zero2"), ("lora:zero2", None),
-                ("padding:naive_max_length", None), ("padding:naive_longest", None), ("padding:remix_ds", None)]:
+                ("padding:naive_max_length", None), ("padding:naive_longest", None), ("padding:remix_ds", None),
+                ("padding:naive_longest_no_cudnn", None), ("padding:remix_ds_torch_sdpa", None)]:
         a, b = one[key], two[key]
         assert b["processed_tokens"] >= b["padfree_tokens"] == a["padfree_tokens"] > 0, key
         assert abs(a["mean_loss"] - b["mean_loss"]) < 2e-3, (key, a["mean_loss"], b["mean_loss"])

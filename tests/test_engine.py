@@ -347,6 +347,28 @@ def test_one_process_step_skips_deepspeeds_per_parameter_host_work(tiny_dir):
             torch.nn.Module.train = real_train
         assert losses[-1] < losses[0]
         assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trained))
+        # packed micro-batches (a 4-D mask) train under the engine's packed_sdpa backends, padded ones under torch's
+        # choice: on CUDA every backend but cuDNN (its per-shape graphs), None elsewhere
+        from torch.nn.attention import SDPBackend
+
+        from remix_ds.data.formatting import collate_packed
+        from remix_ds.data.mixing import random_word_examples
+        from remix_ds.engine import packed_sdpa_backends
+
+        assert eng.packed_sdpa is None and packed_sdpa_backends(torch.device("cpu")) is None
+        assert packed_sdpa_backends(torch.device("cuda")) == [SDPBackend.FLASH_ATTENTION,
+                                                               SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        mixed = [encode_example(tok, e, i) for i, e in enumerate(kvr_examples(6, 0) + random_word_examples(3, 0, 8, 8))]
+        packed = collate_packed(mixed, pad_id_of(tok), 128)
+        assert packed["attention_mask"].dim() == 4
+        eng.packed_sdpa = [SDPBackend.EFFICIENT_ATTENTION]   # CUDA-only: no CPU kernel can run under it
+        with pytest.raises(RuntimeError, match="No viable backend"):
+            eng.micro_step(packed, 0.0)
+        eng.micro_step(batch, 0.0)   # a padded batch is not run under it
+        eng.packed_sdpa = [SDPBackend.MATH]
+        by_math = float(eng.micro_step(packed, 0.0))
+        eng.packed_sdpa = None
+        assert float(eng.micro_step(packed, 0.0)) == pytest.approx(by_math, rel=1e-5)
         eng.close()
     finally:
         if tdist.is_initialized():
