@@ -171,8 +171,9 @@ def test_gpu_script_invocations_parse(tmp_path):
         padding = padding.replace("$" + k, v)
     common = re.search(r"^COMMON=\((.*)\)$", text, re.M).group(1)
     lines = re.findall(r"\brun (\d+) (--shape .*)$", text, re.M)
-    assert len(lines) == 5 and sum(int(limit) for limit, _ in lines[:3]) <= 590   # the core parts: one device call
+    assert len(lines) == 6 and sum(int(limit) for limit, _ in lines[:3]) <= 590   # the core parts: one device call
     assert any("TORCH_CUDNN_SDPA_DEPRIORITIZED=1" in line and "run 120" in line for line in text.splitlines())
+    assert any(line.endswith("--padding-mix-ratio 0.25") for _, line in lines)   # the minority-passage mix
     for _, args in lines:
         cmd = f"{args} {common}".replace('"${PADDING[@]}"', padding)   # the array's words, as bash expands it
         for k, v in env.items():
