@@ -188,3 +188,33 @@ def test_gpu_script_invocations_parse(tmp_path):
             for c in configs:
                 if c != "plain":
                     ds_config_path(c)   # raises for an unknown config
+
+
+def test_gpu_wheels_script_names_the_installed_versions_of_what_the_gpu_machine_lacks():
+    """launch/gpu_wheels.sh prepares .whl/ for the network-less GPU machine: the versions installed here (what the
+    suite ran with), every package launch/bench_gpu.sh checks for that the GPU machine does not have, for its
+    Python 3.12 on manylinux."""
+    import importlib.metadata as md
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(["bash", str(root / "launch" / "gpu_wheels.sh"), "--dry-run"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert res.returncode == 0, res.stderr
+    pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s]*)", res.stdout))
+    assert pins["deepspeed"] == md.version("deepspeed") and pins["bitsandbytes"] == md.version("bitsandbytes")
+    assert "--python-version 3.12" in res.stdout and "manylinux_2_24_x86_64" in res.stdout
+    checked = re.search(r'for name in \((.*?)\):', (root / "launch" / "bench_gpu.sh").read_text()).group(1)
+    on_the_gpu = {"torch", "transformers", "peft", "accelerate"}   # the machine's own (docs/benchmarks.md)
+    for name in re.findall(r'"([^"]+)"', checked):
+        assert name in on_the_gpu or name in pins, name
+        if name in pins:
+            assert pins[name] == md.version(name), name
+    lean = subprocess.run(["bash", str(root / "launch" / "gpu_wheels.sh"), "--dry-run", "--no-bitsandbytes",
+                           "--no-datasets"], capture_output=True, text=True)
+    assert lean.returncode == 0 and "bitsandbytes" not in lean.stdout and "datasets==" not in lean.stdout
+    assert subprocess.run(["bash", str(root / "launch" / "gpu_wheels.sh"), "--bogus"],
+                          capture_output=True, text=True).returncode == 2
