@@ -92,6 +92,8 @@ def load_for_training(path: str, finetune: str, lora: LoraSpec, ds_config: Dict[
             model = get_peft_model(model, cfg)
         if uses_torch_autocast(ds_config):
             skip_adapter_input_casts(model)
+        if keep is None:   # under ZeRO-3 the adapters' weights may be partitioned: only their modules gather them
+            fuse_lora_forward(model)
         n_train = param_count(p for p in model.parameters() if p.requires_grad)
         log.info("%s r=%d alpha=%d on %s: %d trainable parameters%s", finetune, lora.r, lora.alpha,
                  ",".join(lora.target_modules), n_train,
@@ -130,6 +132,59 @@ def skip_adapter_input_casts(model: torch.nn.Module) -> int:
     copies were about a fifth of an 8B LoRA step's kernel time (``aten::copy_``, docs/benchmarks.md).
     PEFT's 4-bit (QLoRA) layers already skip the cast under autocast."""
     return _switch_off(model, "cast_input_dtype_enabled")
+
+
+def fuse_lora_forward(model: torch.nn.Module) -> int:
+    """Give every PEFT LoRA linear layer (16-bit or 4-bit base) a forward that adds its update in one GEMM:
+    ``addmm(base(x), A(dropout(x)), B^T, alpha=scaling)`` instead of PEFT's ``base(x) + B(A(dropout(x))) * scaling``
+    (returns how many layers).
+
+    PEFT's form writes B's output, multiplies it by the scaling and adds it to the base output: three passes over
+    a [tokens, out_features] activation in the forward pass and a fourth (the scaling's gradient) in the backward,
+    and its 4-bit layers copy the base output first. Each pass is as large as the layer's output, for an update of
+    rank r; the GEMM adds the update in its epilogue. The same function of the same weights (``tests/test_adapters.py``:
+    losses and adapter gradients equal to PEFT's); layers or calls outside the plain case (adapters disabled or
+    merged, DoRA or other variants, a LoRA bias, per-example adapter names, dtypes that would need a cast
+    without autocast) run PEFT's own forward. Saved adapters, merging and PEFT's API are unchanged."""
+    import types
+
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return 0
+    kinds = [LoraLinear]
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+        kinds.append(Linear4bit)
+    except (ImportError, AttributeError):
+        pass
+    n = 0
+    for m in model.modules():
+        if isinstance(m, tuple(kinds)) and "forward" not in vars(m):
+            # the adapters the fused form can serve, fixed when they are created (PEFT's variants, lora bias, kind)
+            m._remix_fusable = frozenset(a for a in m.lora_A if a not in m.lora_variant and m.lora_B[a].bias is None
+                                         and isinstance(m.lora_A[a], torch.nn.Linear))
+            m.forward = types.MethodType(_fused_lora_forward, m)
+            n += 1
+    return n
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    names = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or not names \
+            or not all(a in self._remix_fusable for a in names):
+        return type(self).forward(self, x, *args, **kwargs)   # PEFT's own
+    pairs = [(self.lora_A[a], self.lora_B[a].weight) for a in names]
+    if not torch.is_autocast_enabled(x.device.type) and any(x.dtype != A.weight.dtype or x.dtype != w.dtype
+                                                            for A, w in pairs):
+        return type(self).forward(self, x, *args, **kwargs)   # PEFT casts between dtypes
+    result = self.base_layer(x)
+    shape = result.shape
+    out = result if result.dim() == 2 else result.reshape(-1, shape[-1])
+    for a, (A, w) in zip(names, pairs):
+        h = A(self.lora_dropout[a](x))
+        out = torch.addmm(out, h if h.dim() == 2 else h.reshape(-1, h.shape[-1]), w.t(), alpha=self.scaling[a])
+    return out if len(shape) == 2 else out.view(shape)
 
 
 def _switch_off(model: torch.nn.Module, flag: str) -> int:

@@ -377,31 +377,39 @@ def test_one_process_step_skips_deepspeeds_per_parameter_host_work(tiny_dir):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def test_lora_under_autocast_skips_peft_input_casts_with_the_same_results(tiny_dir):
-    """load_for_training under a torch_autocast config turns off PEFT's cast of each LoRA input to fp32 (which
-    autocast casts straight back to bf16): the loss and every adapter gradient are bitwise those with it."""
+def _adapter_setup(tiny_dir, finetune, precision, dropout=0.0):
+    """A LoRA/QLoRA model as a stage loads it (non-zero lora_B, so that every adapter tensor gets a gradient),
+    its trained parameters, a KVR batch and the stage's loss head."""
     import torch
 
     from remix_ds.config import LoraSpec
     from remix_ds.data.formatting import collate, encode_example, pad_id_of
     from remix_ds.data.kvr import kvr_examples
-    from remix_ds.engine import AnswerLoss
+    from remix_ds.engine import AnswerLoss, torch_dtype
     from remix_ds.model import load_for_training, load_tokenizer
 
-    cfg = resolve_ds_config("zero2", precision="bf16", finetune="lora", **KW)
+    cfg = resolve_ds_config("zero2", precision=precision, finetune=finetune, **KW)
     torch.manual_seed(0)
-    model, _ = load_for_training(tiny_dir, "lora", LoraSpec(r=4, alpha=8), cfg, torch.bfloat16)
-    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
-    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
-    fp32 = [p for p in model.parameters() if p.requires_grad]
-    assert fp32 and all(p.dtype == torch.float32 for p in fp32)
-    with torch.no_grad():   # non-zero lora_B, so that every adapter tensor gets a gradient
+    model, _ = load_for_training(tiny_dir, finetune, LoraSpec(r=4, alpha=12, dropout=dropout), cfg,
+                                 torch_dtype(precision))
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
     tok = load_tokenizer(tiny_dir)
     batch = collate([encode_example(tok, e, i) for i, e in enumerate(kvr_examples(8, 0))], pad_id_of(tok))
-    head = AnswerLoss(model)
+    return model, [p for p in model.parameters() if p.requires_grad], batch, AnswerLoss(model)
+
+
+def test_lora_under_autocast_skips_peft_input_casts_with_the_same_results(tiny_dir):
+    """load_for_training under a torch_autocast config turns off PEFT's cast of each LoRA input to fp32 (which
+    autocast casts straight back to bf16): the loss and every adapter gradient are bitwise those with it."""
+    import torch
+
+    model, fp32, batch, head = _adapter_setup(tiny_dir, "lora", "bf16")
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    assert fp32 and all(p.dtype == torch.float32 for p in fp32)
 
     def run(cast: bool):
         for m in layers:
@@ -417,6 +425,69 @@ def test_lora_under_autocast_skips_peft_input_casts_with_the_same_results(tiny_d
     assert all(torch.equal(a, b) for a, b in zip(g_skip, g_cast)) and all(g.abs().sum() > 0 for g in g_skip)
 
 
+@pytest.mark.parametrize("finetune,precision,dropout", [("lora", "fp32", 0.1), ("lora", "bf16", 0.0),
+                                                        ("qlora", "fp32", 0.0)])
+def test_fused_lora_forward_gives_pefts_loss_and_gradients(tiny_dir, finetune, precision, dropout):
+    """load_for_training gives every LoRA layer (16-bit and 4-bit bases) the forward that adds the update in one
+    GEMM (model.fuse_lora_forward): the same loss and adapter gradients as PEFT's own forward (dropout masks
+    included: the same draws in the same order; bf16 autocast: within bf16 rounding, since the GEMM rounds once
+    where PEFT rounds B's output, its scaling and the sum), and with the adapters disabled, the base model's."""
+    import torch
+
+    model, params, batch, head = _adapter_setup(tiny_dir, finetune, precision, dropout)
+    fused = [m for m in model.modules() if hasattr(m, "lora_A") and "forward" in vars(m)]
+    assert len(fused) == len([m for m in model.modules() if hasattr(m, "lora_A")]) == 2 * 7   # 2 layers x 7 projections
+    auto = precision == "bf16"
+
+    def run():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=auto):
+            loss = head(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    calls = []
+    real_addmm = torch.addmm
+    torch.addmm = lambda *a, **k: calls.append(1) or real_addmm(*a, **k)
+    try:
+        loss_f, g_f = run()
+    finally:
+        torch.addmm = real_addmm
+    assert len(calls) == len(fused)   # the fused form ran in every layer
+    for m in fused:
+        del m.forward   # PEFT's own forward again
+    loss_p, g_p = run()
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+    if not auto:
+        torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-5)
+        assert all(b.abs().sum() > 0 and rel(a, b) < 1e-5 for a, b in zip(g_f, g_p))
+    else:   # against the exact result (the same weights in fp32, no autocast): no less accurate than PEFT's
+        model.float()
+        auto = False
+        loss_x, g_x = run()
+        auto = True
+        assert abs(float(loss_f - loss_x)) <= 1.5 * abs(float(loss_p - loss_x)) + 1e-3
+        for a, b, x in zip(g_f, g_p, g_x):
+            assert x.abs().sum() > 0 and rel(a, x) <= 1.5 * rel(b, x) + 2e-3, (rel(a, x), rel(b, x))
+        model.to(torch.bfloat16)   # the base as loaded (the adapters too; only equality below is checked)
+    from remix_ds.model import fuse_lora_forward
+
+    assert fuse_lora_forward(model) == len(fused)
+    with torch.no_grad():
+        model.eval()
+        on = model(input_ids=batch["input_ids"]).logits
+        with model.disable_adapter():   # falls back to PEFT's forward: the base model alone
+            off = model(input_ids=batch["input_ids"]).logits
+            for m in fused:
+                del m.forward
+            base = model(input_ids=batch["input_ids"]).logits
+    assert not torch.allclose(on, off) and torch.equal(off, base)
+
+
 def test_qlora_gradients_after_an_evaluation_are_those_before_it(tiny_dir):
     """A QLoRA stage evaluates between epochs. On a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight
     at its first eval-mode forward without gradients for a bf16 inference kernel that has no backward, and
@@ -424,25 +495,9 @@ def test_qlora_gradients_after_an_evaluation_are_those_before_it(tiny_dir):
     evaluation are exactly those before it (on a CPU without AVX512-BF16 bitsandbytes never repacks)."""
     import torch
 
-    from remix_ds.config import LoraSpec
-    from remix_ds.data.formatting import collate, encode_example, pad_id_of
-    from remix_ds.data.kvr import kvr_examples
-    from remix_ds.engine import AnswerLoss
-    from remix_ds.model import load_for_training, load_tokenizer
-
-    cfg = resolve_ds_config("zero2", precision="fp32", finetune="qlora", **KW)
-    torch.manual_seed(0)
-    model, _ = load_for_training(tiny_dir, "qlora", LoraSpec(r=4, alpha=8), cfg, torch.float32)
+    model, params, batch, head = _adapter_setup(tiny_dir, "qlora", "fp32")
     four_bit = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)
-    with torch.no_grad():   # non-zero lora_B: every adapter tensor gets a gradient, through every 4-bit layer
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
-    params = [p for p in model.parameters() if p.requires_grad]
-    tok = load_tokenizer(tiny_dir)
-    batch = collate([encode_example(tok, e, i) for i, e in enumerate(kvr_examples(8, 0))], pad_id_of(tok))
-    head = AnswerLoss(model)
 
     def grads():
         model.train()
