@@ -182,7 +182,8 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     shape = result.shape
     out = result if result.dim() == 2 else result.reshape(-1, shape[-1])
     for a, (A, w) in zip(names, pairs):
-        h = A(self.lora_dropout[a](x))
+        drop = self.lora_dropout[a]
+        h = A(x if type(drop) is torch.nn.Identity else drop(x))   # lora_dropout 0 is an Identity: no module call
         out = torch.addmm(out, h if h.dim() == 2 else h.reshape(-1, h.shape[-1]), w.t(), alpha=self.scaling[a])
     return out if len(shape) == 2 else out.view(shape)
 
