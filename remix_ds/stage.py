@@ -603,11 +603,11 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
         dist.barrier()
 
     summary = {"variant": variant.name, "stage": k, "finetune": spec.finetune, "epochs": epochs_run,
-               "steps": step, "stopped_by": stopped_by, "final_loss": last_loss, "train_seconds": round(train_seconds, 2),
+               "steps": step, "stopped_by": stopped_by, "final_loss": last_loss, "train_seconds": round(train_seconds, 6),
                "teacher_forced_accuracy": accs, "n_data": len(data), "n_mix": n_mix, "n_dropped": dropped,
                "zero_stage": zero_stage(ds_cfg), "trainable_parameters": n_trainable,
                "trainable_dtypes": trainable_dtypes, "tokens": tokens["real"], "tokens_run": tokens["ran"],
-               "step_seconds": round(tokens["seconds"], 3), **tp}
+               "step_seconds": round(tokens["seconds"], 6), **tp}
     if dist.is_main():
         if log_f:
             log_f.close()
