@@ -23,7 +23,7 @@
 #      attention deprioritized (TORCH_CUDNN_SDPA_DEPRIORITIZED=1), a second check of part 1's no-cuDNN cases
 #   4. only with BENCH_AS_WRITTEN=1: llama-8b LoRA with zero2 as written (DeepSpeed bf16 ZeRO-2), to compare
 # Expected: about 5 to 6 minutes on one H100/H200 (much of it writing and loading the 8B weights). Each part has
-# its own time limit (170 s, 270 s, 150 s: the first three fit one 600 s device call; then 120 s, 120 s, 180 s), so that a hang
+# its own time limit (170 s, 270 s, 150 s: the first three fit one 600 s device call; then 100 s, 120 s, 180 s), so that a hang
 # cannot lose the other parts' results.
 #
 # Results: JSON lines appended to $OUT/bench.jsonl when OUT is set (else runs/bench.jsonl), the console log
@@ -93,12 +93,13 @@ if [ "${BENCH_QLORA:-1}" = 1 ]; then
         echo "== QLoRA skipped: bitsandbytes is not importable (add its wheel to .whl/)"
     fi
 fi
-# the 1B padding comparison again where passages are a minority of the mix (1 passage : 4 factoids; on the CPU the
+# The parts below come after the core ones (whose limits sum to 590 s, one device call): each appends its own
+# JSON lines, so a device call that ends during one of them keeps everything before it.
+# The 1B padding comparison again where passages are a minority of the mix (1 passage : 4 factoids; on the CPU the
 # stage's packing clears 2x pad-to-longest there, against at most 1.7x on the 1:1 mix); BENCH_PADDING_MINORITY=0: not run
 if [ "${BENCH_PADDING_MINORITY:-1}" = 1 ]; then
-    run 120 --shape llama-1b --cases padding "${PADDING[@]}" --padding-mix-ratio 0.25
+    run 100 --shape llama-1b --cases padding "${PADDING[@]}" --padding-mix-ratio 0.25
 fi
-# last: the three parts above fit one 600 s device call without it
 if [ "${BENCH_CUDNN_OFF:-0}" = 1 ]; then
     TORCH_CUDNN_SDPA_DEPRIORITIZED=1 TORCH_CUDNN_SDPA_PREFERRED=0 run 120 --shape llama-1b --cases padding "${PADDING[@]}" --profile "${BENCH_PROFILE:-2}"
 fi

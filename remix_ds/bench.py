@@ -963,7 +963,9 @@ class Bench:
                 r["pad_fraction"] = round(1 - r["padfree_tokens"] / max(1, r["processed_tokens"]), 4)
                 results[name] = {**base, "case": f"padding:{name}", "impl": "remix_ds" if name.startswith("remix_ds")
                                  else "naive", "batching": desc, **r, "status": "ok"}
-                results[name]["sdpa_backends"] = _backend_names(sdpa[name])
+                results[name]["sdpa_backends"] = (f"packed micro-batches: {_backend_names(sdpa[name])}; padded: "
+                                                  f"torch's choice" if name == "remix_ds" and sdpa[name]
+                                                  else _backend_names(sdpa[name]))
             for key in [k for k in results if k.startswith("remix_ds")]:
                 rm = results[key]
                 for naive in ("naive_max_length", "naive_dataset_longest", "naive_longest"):
@@ -1041,7 +1043,8 @@ def _no_cudnn_ratio(r: Dict[str, Any]) -> str:
 
 def _ran_as(r: Dict[str, Any]) -> str:
     if r["bench"] == "padding":
-        return f"{r.get('pad_fraction', 0) * 100:.1f}% padding" + \
+        mix = f"{r['mix_ratio']:g} passage(s) per factoid, " if r.get("mix_ratio") is not None else ""
+        return f"{mix}{r.get('pad_fraction', 0) * 100:.1f}% padding" + \
             (f"; SDPA: {r['sdpa_backends']}" if r.get("sdpa_backends") not in (None, "torch's choice") else "")
     if r.get("impl") == PLAIN:
         return "plain" + (" (DDP)" if r.get("world_size", 1) > 1 else "")

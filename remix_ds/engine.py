@@ -398,6 +398,10 @@ class Engine:
             init_cfg = {**ds_config, "gradient_clipping": 0.0}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=AnswerLoss(model), optimizer=opt, lr_scheduler=sched, config=init_cfg)
+        # from_pretrained leaves the model in eval mode while the new AnswerLoss around it is in train mode, and
+        # micro_step calls train() only after an eval(): without this, the first epoch would run in eval mode
+        # (no gradient checkpointing, no dropout of the base model)
+        self.engine.train()
         self.zero_stage = zero_stage(ds_config)
         self.device = self.engine.device
         # SDPA backends for packed micro-batches (None: torch's choice); padded ones always take torch's choice
@@ -445,11 +449,13 @@ class Engine:
         dev = self.to_device
         pos = batch.get("position_ids")
         mask = batch["attention_mask"]
-        with _sdpa_backends(self.packed_sdpa if mask.dim() == 4 else None):   # the backward runs the forward's kernel
+        # the backward too: gradient checkpointing recomputes each layer's forward there, and a recomputation
+        # under other SDPA backends saves other tensors (torch.utils.checkpoint raises CheckpointError)
+        with _sdpa_backends(self.packed_sdpa if mask.dim() == 4 else None):
             loss_sum = self.engine(dev(batch["input_ids"]), dev(mask), dev(labels),
                                    None if pos is None else dev(pos), False,
                                    None if index is None else dev(index), None if target is None else dev(target))
-        self.engine.backward(loss_sum * scale)
+            self.engine.backward(loss_sum * scale)
         return loss_sum.detach()
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:

@@ -170,7 +170,7 @@ def fuse_lora_forward(model: torch.nn.Module) -> int:
 
 
 def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    names = self.active_adapters
+    names = [a for a in self.active_adapters if a in self.lora_A]   # as PEFT: adapters this layer has
     if args or kwargs or self.disable_adapters or self.merged or not names \
             or not all(a in self._remix_fusable for a in names):
         return type(self).forward(self, x, *args, **kwargs)   # PEFT's own
@@ -185,6 +185,8 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         drop = self.lora_dropout[a]
         h = A(x if type(drop) is torch.nn.Identity else drop(x))   # lora_dropout 0 is an Identity: no module call
         out = torch.addmm(out, h if h.dim() == 2 else h.reshape(-1, h.shape[-1]), w.t(), alpha=self.scaling[a])
+    if out.dtype != result.dtype:   # autocast's dtype where the base computes in another (PEFT keeps the base's)
+        out = out.to(result.dtype)
     return out if len(shape) == 2 else out.view(shape)
 
 

@@ -370,6 +370,22 @@ def test_one_process_step_skips_deepspeeds_per_parameter_host_work(tiny_dir):
         eng.packed_sdpa = None
         assert float(eng.micro_step(packed, 0.0)) == pytest.approx(by_math, rel=1e-5)
         eng.close()
+        # with gradient checkpointing: the first micro-step already runs in training mode (a fresh model is in eval
+        # mode, which would switch checkpointing off until the first evaluation), and a packed micro-batch's
+        # recomputation in the backward runs under the same SDPA backends as its forward (else CheckpointError)
+        model, _ = load_for_training(tiny_dir, "lora", LoraSpec(r=4, alpha=8), cfg, torch.float32,
+                                     gradient_checkpointing=True)
+        assert not all(m.training for m in model.modules())   # from_pretrained's eval mode, under PEFT's wrapper
+        eng = Engine(model, cfg, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, total_steps=10, warmup_ratio=0.0)
+        assert all(m.training for m in eng.module.modules())
+        calls = []
+        eng.module.get_base_model().model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+        eng.micro_step(batch, 1.0 / n)
+        assert len(calls) == 2   # forward, then recomputed in the backward
+        eng.packed_sdpa = [SDPBackend.MATH]   # not torch's own choice on this CPU for a masked batch (flash)
+        eng.micro_step(packed, 0.0)
+        assert len(calls) == 4
+        eng.close()
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
