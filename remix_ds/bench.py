@@ -488,12 +488,12 @@ class SdpaChoice(TrainCase):
         self.inner, self.engine, self.backends = inner, engine, backends
 
     def step(self, chunk) -> torch.Tensor:
-        from .engine import _sdpa_backends
+        from .engine import sdpa_context
 
         before, saved = self.inner.processed_tokens, self.engine.packed_sdpa
         self.engine.packed_sdpa = self.backends
         try:
-            with _sdpa_backends(self.backends):
+            with sdpa_context(self.backends):
                 loss = self.inner.step(chunk)
         finally:
             self.engine.packed_sdpa = saved

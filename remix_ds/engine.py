@@ -451,7 +451,7 @@ class Engine:
         mask = batch["attention_mask"]
         # the backward too: gradient checkpointing recomputes each layer's forward there, and a recomputation
         # under other SDPA backends saves other tensors (torch.utils.checkpoint raises CheckpointError)
-        with _sdpa_backends(self.packed_sdpa if mask.dim() == 4 else None):
+        with sdpa_context(self.packed_sdpa if mask.dim() == 4 else None):
             loss_sum = self.engine(dev(batch["input_ids"]), dev(mask), dev(labels),
                                    None if pos is None else dev(pos), False,
                                    None if index is None else dev(index), None if target is None else dev(target))
@@ -574,7 +574,7 @@ class _nullcontext:
         return False
 
 
-def _sdpa_backends(backends: Optional[list]):
+def sdpa_context(backends: Optional[list]):
     """torch.nn.attention.sdpa_kernel(backends), or nothing for None."""
     if not backends:
         return _nullcontext()

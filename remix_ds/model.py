@@ -142,7 +142,7 @@ def fuse_lora_forward(model: torch.nn.Module) -> int:
     PEFT's form writes B's output, multiplies it by the scaling and adds it to the base output: three passes over
     a [tokens, out_features] activation in the forward pass and a fourth (the scaling's gradient) in the backward,
     and its 4-bit layers copy the base output first. Each pass is as large as the layer's output, for an update of
-    rank r; the GEMM adds the update in its epilogue. The same function of the same weights (``tests/test_adapters.py``:
+    rank r; the GEMM adds the update in its epilogue. The same function of the same weights (``tests/test_engine.py``:
     losses and adapter gradients equal to PEFT's); layers or calls outside the plain case (adapters disabled or
     merged, DoRA or other variants, a LoRA bias, per-example adapter names, dtypes that would need a cast
     without autocast) run PEFT's own forward. Saved adapters, merging and PEFT's API are unchanged."""
