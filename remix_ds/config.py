@@ -45,6 +45,8 @@ STOP_RULES = ("fixed", "loss", "accuracy")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SAVE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 OVERLONG = ("truncate", "drop")
+# training semantics: remix_ds's own (default) or the study's released code, reproduced (docs/fidelity.md)
+SEMANTICS = ("remix", "study")
 STAGE_KEY = re.compile(r"^stage([1-9][0-9]*)$")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -170,10 +172,16 @@ class Recipe:
     ds_config: str = "zero2"
     precision: str = "auto"
     max_seq_length: int = 256
+    semantics: str = "remix"      # remix | study: the study's released code's training semantics (docs/fidelity.md)
     tiny: TinySpec = field(default_factory=TinySpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     source_file: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def study(self) -> bool:
+        """Whether the recipe reproduces the study's released code (``semantics: study``)."""
+        return self.semantics == "study"
 
     @property
     def num_stages(self) -> int:
@@ -325,7 +333,7 @@ def deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
 # ---------------------------------------------------------------- loading
 
 TOP_LEVEL_KEYS = {"name", "output_dir", "model", "datasets", "variants", "seed", "ds_config", "precision",
-                  "max_seq_length", "tiny", "eval"}
+                  "max_seq_length", "tiny", "eval", "semantics"}
 
 
 def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Recipe:
@@ -470,6 +478,8 @@ def expand_sweeps(variants_raw: List[Any], where: str) -> List[Any]:
 
 
 def validate(recipe: Recipe, where: str) -> None:
+    if recipe.semantics not in SEMANTICS:
+        raise ConfigError(f"{where}: semantics must be one of {', '.join(SEMANTICS)}, got {recipe.semantics!r}")
     if recipe.precision not in PRECISIONS:
         raise ConfigError(f"{where}: precision must be one of {PRECISIONS}, got {recipe.precision!r}")
     if recipe.max_seq_length < 8:
