@@ -47,6 +47,8 @@ SAVE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 OVERLONG = ("truncate", "drop")
 # training semantics: remix_ds's own (default) or the study's released code, reproduced (docs/fidelity.md)
 SEMANTICS = ("remix", "study")
+# the items of the study's semantics that `study_except` can turn back to remix_ds's (docs/fidelity.md)
+STUDY_ITEMS = ("stopping", "padding", "precision", "order", "schedule", "prompts", "pool", "rows", "defaults")
 STAGE_KEY = re.compile(r"^stage([1-9][0-9]*)$")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -173,6 +175,7 @@ class Recipe:
     precision: str = "auto"
     max_seq_length: int = 256
     semantics: str = "remix"      # remix | study: the study's released code's training semantics (docs/fidelity.md)
+    study_except: List[str] = field(default_factory=list)   # with semantics: study, items kept remix_ds's way
     tiny: TinySpec = field(default_factory=TinySpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     source_file: Optional[str] = None
@@ -182,6 +185,12 @@ class Recipe:
     def study(self) -> bool:
         """Whether the recipe reproduces the study's released code (``semantics: study``)."""
         return self.semantics == "study"
+
+    def follows_study(self, item: str) -> bool:
+        """Whether one item of the study's semantics (``STUDY_ITEMS``) is on: ``semantics: study`` and the item
+        not in ``study_except`` (which measures one item's effect with the rest of the study's semantics on)."""
+        assert item in STUDY_ITEMS, item
+        return self.study and item not in self.study_except
 
     @property
     def num_stages(self) -> int:
@@ -333,7 +342,8 @@ def deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
 # ---------------------------------------------------------------- loading
 
 TOP_LEVEL_KEYS = {"name", "output_dir", "model", "datasets", "variants", "seed", "ds_config", "precision",
-                  "max_seq_length", "tiny", "eval", "semantics"}
+                  "max_seq_length", "tiny", "eval", "semantics",
+                  "study_except"}
 
 
 def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Recipe:
@@ -391,6 +401,14 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
         raise ConfigError(f"{where}: variants must be a list")
     variants_raw = expand_sweeps(variants_raw, where)
     raw.setdefault("output_dir", os.path.join("runs", str(raw["name"])))
+    study_defaults = raw.get("semantics") == "study" and "defaults" not in (raw.get("study_except") or [])
+    if study_defaults:
+        for key, value in STUDY_RECIPE_DEFAULTS.items():
+            raw.setdefault(key, value)
+        for block in (raw.get("datasets") or {}).values():
+            if isinstance(block, dict):
+                for key, value in STUDY_DATASET_DEFAULTS.items():
+                    block.setdefault(key, value)
     datasets_raw = raw.pop("datasets")
     if not isinstance(datasets_raw, dict) or not datasets_raw:
         raise ConfigError(f"{where}: datasets must be a non-empty mapping name -> {{source: ...}}")
@@ -423,6 +441,9 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
             merged = deep_merge(stage_defaults[s] or {}, vraw.get(f"stage{s}") or {})
             if merged.get("mix") in (None, "none", False):
                 merged.pop("mix", None)
+            if study_defaults:
+                first = deep_merge(stage_defaults[1] or {}, vraw.get("stage1") or {})
+                study_stage_defaults(merged, datasets.get(str(first.get("data")), None), s)
             stages.append(build_dataclass(StageSpec, merged, f"{vwhere} ({name}).stage{s}"))
         variants.append(Variant(name=name, stages=stages))
 
@@ -438,6 +459,31 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
     recipe.raw = raw
     validate(recipe, where)
     return recipe
+
+
+# semantics: study: the settings of the study's scripts (scripts/run_stage1.sh, run_stage2.sh), for every key a
+# recipe leaves out (study_except: [defaults] keeps remix_ds's defaults)
+STUDY_RECIPE_DEFAULTS = {"seed": 0, "max_seq_length": 2048}
+STUDY_DATASET_DEFAULTS = {"overlong": "drop"}   # the study's encoder skips over-long examples (sft.py)
+STUDY_STAGE_DEFAULTS = {"epochs": 20, "lr": 5e-5, "global_batch_size": 32, "warmup_ratio": 0.05,
+                        "weight_decay": 0.0, "grad_clip": 1.0, "betas": [0.9, 0.95]}
+STUDY_MIX_RATIO = 2.0
+STUDY_FIXED_SOURCES = ("kvr", "kvrB")   # D_A sources the study trains for fixed epochs (sc=fixed)
+
+
+def study_stage_defaults(stage: Dict[str, Any], first_data: Optional[DatasetSpec], k: int) -> None:
+    """Fill the keys a stage block leaves out with the study's settings. The stopping rule comes from D_A (stage
+    1's dataset), in every stage, as run_stage2.sh takes it: fixed epochs when D_A is KVR, else the loss rule
+    (also when D_B is GSM8K); run_stage1.sh trains a GSM8K D_A for 10 fixed epochs."""
+    source = first_data.source if first_data is not None else None
+    if k == 1 and source == "gsm8k":
+        stage.setdefault("epochs", 10)
+        stage.setdefault("stop", "fixed")
+    for key, value in STUDY_STAGE_DEFAULTS.items():
+        stage.setdefault(key, copy.deepcopy(value))
+    stage.setdefault("stop", "fixed" if source in STUDY_FIXED_SOURCES else "loss")
+    if isinstance(stage.get("mix"), dict):
+        stage["mix"].setdefault("ratio", STUDY_MIX_RATIO)
 
 
 def expand_sweeps(variants_raw: List[Any], where: str) -> List[Any]:
@@ -480,6 +526,11 @@ def expand_sweeps(variants_raw: List[Any], where: str) -> List[Any]:
 def validate(recipe: Recipe, where: str) -> None:
     if recipe.semantics not in SEMANTICS:
         raise ConfigError(f"{where}: semantics must be one of {', '.join(SEMANTICS)}, got {recipe.semantics!r}")
+    for item in recipe.study_except:
+        if item not in STUDY_ITEMS:
+            raise ConfigError(f"{where}: study_except: unknown item {item!r} (known: {', '.join(STUDY_ITEMS)})")
+    if recipe.study_except and not recipe.study:
+        raise ConfigError(f"{where}: study_except needs semantics: study")
     if recipe.precision not in PRECISIONS:
         raise ConfigError(f"{where}: precision must be one of {PRECISIONS}, got {recipe.precision!r}")
     if recipe.max_seq_length < 8:

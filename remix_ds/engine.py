@@ -91,8 +91,15 @@ def resolve_precision(precision: str) -> str:
     return "fp32"
 
 
+# "bf16-pure": the study's precision (semantics: study, full fine-tuning): bf16 weights that AdamW steps with bf16
+# moments, no fp32 master copy (its FSDP MixedPrecision keeps a bf16-loaded model in bf16). Without ZeRO the client
+# AdamW steps the bf16 parameters (its states take their dtype); under ZeRO-1/2/3 DeepSpeed's
+# bf16_master_weights_and_grads + bf16_optimizer_states do the same to the partitions.
+PURE_BF16 = "bf16-pure"
+
+
 def torch_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return {"bf16": torch.bfloat16, PURE_BF16: torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: int, grad_accum: int,
@@ -126,12 +133,19 @@ def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: in
             (global_batch_size, micro_batch_size, grad_accum):
         raise ConfigError(f"{src}: batch sizes are set by the recipe; use \"auto\" for train_batch_size, "
                           f"train_micro_batch_size_per_gpu and gradient_accumulation_steps")
-    for key, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+    for key, on in (("bf16", precision in ("bf16", PURE_BF16)), ("fp16", precision == "fp16")):
         block = cfg.setdefault(key, {})
         if block.get("enabled", "auto") == "auto":
             block["enabled"] = on
         elif bool(block["enabled"]) != on:
             raise ConfigError(f"{src}: {key}.enabled={block['enabled']} contradicts precision {precision!r}")
+    if precision == PURE_BF16:
+        if offloads_optimizer(cfg):
+            raise ConfigError(f"{src}: the study's pure bf16 (semantics: study, full fine-tuning) keeps AdamW's states "
+                              f"in bf16, which DeepSpeed's optimizer offload cannot do with a client optimizer; use a "
+                              f"ds_config without offload_optimizer (zero2, zero3), or keep fp32 masters with "
+                              f"study_except: [precision]")
+        cfg["bf16"].update({"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True})
     if precision == "fp16":
         cfg["fp16"].setdefault("loss_scale", 0)
     zo = cfg.setdefault("zero_optimization", {})
@@ -175,12 +189,16 @@ def _walk(d: Dict[str, Any], prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
-def cosine_schedule(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+def cosine_schedule(total_steps: int, warmup_ratio: float, warmup_from_zero: bool = False
+                    ) -> Callable[[int], float]:
+    """The lr factor of optimizer step `step` (from 0): a linear warmup over ceil(total * warmup_ratio) steps,
+    then a cosine decay to 0. The warmup's first step runs at lr / warmup; with ``warmup_from_zero`` (the study's
+    transformers get_cosine_schedule_with_warmup) at 0, reaching lr / warmup only at the second step."""
     warmup = int(math.ceil(total_steps * warmup_ratio))
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
-            return (step + 1) / warmup
+            return (step if warmup_from_zero else step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return factor
@@ -341,8 +359,9 @@ def single_process_full_stage(cfg: Dict[str, Any], world_size: int, finetune: st
     if world_size != 1 or finetune != "full" or zero_stage(cfg) not in (1, 2) or offloads_optimizer(cfg) \
             or offloads_params(cfg):
         return cfg
-    notes.append(f"full fine-tuning on one process: ZeRO would partition nothing; running without "
-                 f"ZeRO{f', fp32 weights under {precision} torch autocast' if precision != 'fp32' else ''} (set "
+    how = {"fp32": "", PURE_BF16: ", bf16 weights and AdamW states (the study's pure bf16)"}.get(
+        precision, f", fp32 weights under {precision} torch autocast")
+    notes.append(f"full fine-tuning on one process: ZeRO would partition nothing; running without ZeRO{how} (set "
                  f"adapt_zero: false to run the ds_config as written)")
     return _without_zero(cfg, precision)
 
@@ -350,7 +369,11 @@ def single_process_full_stage(cfg: Dict[str, Any], world_size: int, finetune: st
 def _without_zero(cfg: Dict[str, Any], precision: str) -> Dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     cfg["zero_optimization"] = {"stage": 0}
-    if precision in ("bf16", "fp16"):
+    if precision == PURE_BF16:   # DeepSpeed's own bf16 at stage 0 keeps fp32 masters: the client AdamW steps bf16
+        cfg["bf16"] = {"enabled": False}
+        cfg["fp16"] = {"enabled": False}
+        cfg.pop("torch_autocast", None)
+    elif precision in ("bf16", "fp16"):
         cfg["bf16"] = {"enabled": False}
         cfg["fp16"] = {"enabled": False}
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
@@ -373,11 +396,27 @@ def packed_sdpa_backends(device: torch.device) -> Optional[list]:
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def clip_grad_norm(params: List[torch.nn.Parameter], max_norm: float) -> None:
+    """Scale the gradients so that their global norm is at most `max_norm`: torch's clip_grad_norm_ for fp32
+    gradients; for 16-bit ones (the study's pure bf16) the norm is taken in fp32 and the factor applied as
+    FSDP's clip_grad_norm_ does (torch's foreach norm of bf16 gradients would round each norm to bf16)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if all(g.dtype == torch.float32 for g in grads):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(factor.to(g.dtype))
+
+
 class Engine:
     """Owns one ``deepspeed.initialize`` for one stage."""
 
     def __init__(self, model: torch.nn.Module, ds_config: Dict[str, Any], *, lr: float, betas, weight_decay: float,
-                 total_steps: int, warmup_ratio: float):
+                 total_steps: int, warmup_ratio: float, warmup_from_zero: bool = False):
         import deepspeed
 
         self.ds_config = ds_config
@@ -385,7 +424,7 @@ class Engine:
         fused = torch.cuda.is_available() and not offloads_optimizer(ds_config)
         opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                 **({"fused": True} if fused else {}))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total_steps, warmup_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total_steps, warmup_ratio, warmup_from_zero))
         # Without ZeRO and without a loss scaler, DeepSpeed clips with a per-parameter norm loop and builds
         # small tensors from host floats (a device sync every step); torch's foreach clip_grad_norm_ on the
         # same (already all-reduced) gradients is the same arithmetic without the sync.
@@ -468,7 +507,7 @@ class Engine:
 
     def step(self) -> None:
         if self._clip and self.engine.is_gradient_accumulation_boundary():
-            torch.nn.utils.clip_grad_norm_(self._params, self._clip)
+            clip_grad_norm(self._params, self._clip)
         self.engine.step()
 
     def eval(self):

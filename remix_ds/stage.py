@@ -26,11 +26,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from . import dist
+from . import dist, study
 from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
 from .data.formatting import Encoded, collate, collate_packed, encode_examples, pad_id_of
-from .engine import (Engine, adapt_zero_stage, adapter_tensor_size, load_ds_config, resolve_ds_config,
+from .engine import (PURE_BF16, Engine, adapt_zero_stage, adapter_tensor_size, load_ds_config, resolve_ds_config,
                      resolve_precision, torch_dtype, write_json_atomic, zero_stage)
 from .errors import ConfigError
 from .evaluate import teacher_forced_accuracy
@@ -122,6 +122,8 @@ def fingerprint(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
           "data": dataclasses.asdict(recipe.datasets[spec.data]),
           "seed": recipe.seed, "precision": recipe.precision, "max_seq_length": recipe.max_seq_length,
           "ds_config": load_ds_config(spec.ds_config or recipe.ds_config)}
+    if recipe.study:   # only then: the fingerprints of remix_ds's own semantics are those of earlier releases
+        fp["semantics"] = {"semantics": recipe.semantics, "except": sorted(recipe.study_except)}
     if k == 1:
         fp["model"] = recipe.model
         if recipe.model == "tiny":
@@ -159,10 +161,19 @@ def config_change(recipe: Recipe, variant: Variant, k: int) -> Optional[str]:
            "ds_config, the model, an earlier stage or remix_ds's fingerprint changed"
 
 
+def stage_precision(recipe: Recipe, spec: StageSpec) -> str:
+    """The precision a stage trains in: the recipe's, resolved; under ``semantics: study`` a full fine-tuning stage
+    in bf16 (or auto) trains in the study's pure bf16 (no fp32 master weights: ``engine.PURE_BF16``). LoRA has no
+    study counterpart and keeps remix_ds's precision."""
+    if spec.finetune == "full" and recipe.follows_study("precision") and recipe.precision in ("auto", "bf16"):
+        return PURE_BF16
+    return resolve_precision(recipe.precision)
+
+
 def checkpoint_layout(recipe: Recipe, spec: StageSpec, world: int) -> Dict[str, Any]:
     """What a DeepSpeed checkpoint of the stage cannot change (its completion marker records it): the number of
     ranks, the resolved precision and the ZeRO stage the engine runs (``engine.adapt_zero_stage``)."""
-    precision = resolve_precision(recipe.precision)
+    precision = stage_precision(recipe, spec)
     cfg = load_ds_config(spec.ds_config or recipe.ds_config)
     if spec.adapt_zero:
         cfg = adapt_zero_stage(cfg, world, spec.finetune, precision, [])
@@ -269,6 +280,36 @@ def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: i
     return local
 
 
+def study_global_step(eng: Engine, slots: List[List[Encoded]], world: int, gas: int, rank: int,
+                      make: Callable[[List[Encoded]], Dict[str, torch.Tensor]], count: Optional[TokenCount] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """One optimizer step of ``semantics: study`` on the micro-batches the study's loader deals (``study.epoch_steps``:
+    slot ``a * world + rank``). Each micro-batch's loss is its own mean over its labelled positions (the Hugging
+    Face loss), which DeepSpeed's 1/gas scaling and rank averaging turn into the study's gradient; an empty slot (a
+    short last step) runs a zero-scaled micro-batch so that every rank takes part. Returns this rank's sum of
+    micro-batch means, its last micro-batch's mean divided by gas (what the study's stopping rule reads) and the
+    number of micro-batches it trained (detached, on device)."""
+    means = torch.zeros((), dtype=torch.float64, device=eng.device)
+    last = torch.zeros((), dtype=torch.float64, device=eng.device)
+    n_mb = 0
+    fallback = [e for slot in slots for e in slot][:1]
+    for a in range(gas):
+        mb = slots[a * world + rank]
+        batch = make(mb or fallback)
+        if count is not None:
+            count.ran += batch["input_ids"].numel()
+        if mb:
+            n = study.labelled_positions(batch)
+            mean = eng.micro_step(batch, 1.0 / n) / n
+            means += mean
+            last = mean / gas
+            n_mb += 1
+        else:
+            eng.micro_step(batch, 0.0)
+        eng.step()
+    return means, last, n_mb
+
+
 # ------------------------------------------------------------------ checkpoints
 
 def latest_checkpoint(root: Path, h: str, layout: Optional[Dict[str, Any]] = None) -> Optional[str]:
@@ -362,7 +403,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
     h = h or stage_hash(fingerprint(recipe, variant, k))
     world, rank = dist.world_size(), dist.rank()
     micro, gas = batch_plan(world, spec.global_batch_size, spec.micro_batch_size)
-    precision = resolve_precision(recipe.precision)
+    precision = stage_precision(recipe, spec)
     layout = checkpoint_layout(recipe, spec, world)
 
     ckpt_root = out / "checkpoints"
@@ -423,8 +464,19 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
                                precision=precision, hidden_size=mcfg.hidden_size, finetune=spec.finetune,
                                adapt=spec.adapt_zero, adapter_tensor_size=adapter_tensor_size(spec.lora.r, mcfg))
     G = spec.global_batch_size
-    pack = recipe.max_seq_length if packs(spec.packing) else 0   # rows of at most this many tokens (0: padding)
-    steps_per_epoch = math.ceil(len(enc) / G)
+    # semantics: study (remix_ds/study.py): the study's sampler order and micro-batches, its EOS-labelled padding
+    # to the longest example of the set, its per-micro-batch mean loss and its never-reset stopping counter
+    study_order, study_pad = recipe.follows_study("order"), recipe.follows_study("padding")
+    study_stop = spec.stop == "loss" and recipe.follows_study("stopping")
+    plan = study.epoch_steps(len(enc), world, micro, gas, recipe.seed) if study_order else None
+    if plan is not None and not plan:
+        raise ConfigError(f"{variant.name}/stage{k}: {len(enc)} examples fill no micro-batch of {micro} on each of "
+                          f"{world} ranks (the study's loader drops a short last batch); lower global_batch_size")
+    width = study.pad_width(enc) if study_pad else 0
+    eos = tok.eos_token_id
+    # rows of at most this many tokens (0: padding); the study's batches are padded
+    pack = recipe.max_seq_length if packs(spec.packing) and not (study_order or study_pad) else 0
+    steps_per_epoch = len(plan) if plan is not None else math.ceil(len(enc) / G)
     total_steps = steps_per_epoch * spec.epochs
     n_mix = sum(1 for ex in train if ex.role == "mix")
     if dist.is_main():
@@ -445,7 +497,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
     model, keep = load_for_training(base, spec.finetune, spec.lora, ds_cfg, dtype, frozen_adapters=frozen,
                                     gradient_checkpointing=spec.gradient_checkpointing)
     eng = Engine(model, ds_cfg, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
-                 total_steps=total_steps, warmup_ratio=spec.warmup_ratio)
+                 total_steps=total_steps, warmup_ratio=spec.warmup_ratio,
+                 warmup_from_zero=recipe.follows_study("schedule"))
     trainable = [p for p in eng.module.parameters() if p.requires_grad]
     n_trainable = param_count(trainable)
     trainable_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
@@ -479,6 +532,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
     step, below, last_loss, accs = state["step"], state["below"], state["last_loss"], state["accs"]
     stopped_by = "epochs"
     window_loss = torch.zeros((), dtype=torch.float64, device=eng.device)
+    window_last = torch.zeros((), dtype=torch.float64, device=eng.device)   # study: the step's last micro-batch
     window_tokens = 0              # answer tokens of the window (the loss's denominator)
     window_real = 0                # prompt + answer tokens of the window, all ranks
     ran = TokenCount()             # token positions this rank ran in the window, padding included
@@ -513,22 +567,32 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
     bar = tqdm(total=total_steps, initial=step, desc=f"{variant.name}/stage{k}", disable=not dist.is_main(),
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     for epoch in range(state["epoch"], spec.epochs):
-        order = epoch_order(len(enc), recipe.seed, k, epoch)
+        order = epoch_order(len(enc), recipe.seed, k, epoch) if plan is None else None
         for s in range(state["s"] if epoch == state["epoch"] else 0, steps_per_epoch):
-            chunk = [enc[i] for i in order[s * G:(s + 1) * G]]
-            window_loss += global_step(eng, chunk, world, gas, rank, pad, pack, ran)
+            if plan is None:
+                chunk = [enc[i] for i in order[s * G:(s + 1) * G]]
+                window_loss += global_step(eng, chunk, world, gas, rank, pad, pack, ran)
+                window_tokens += sum(e.num_answer_tokens for e in chunk)
+            else:
+                slots = [[enc[i] for i in slot] for slot in plan[s]]
+                chunk = [e for slot in slots for e in slot]
+                make = (lambda mb: study.collate(mb, eos, width)) if width else (lambda mb: collate(mb, pad))
+                means, last, n_mb = study_global_step(eng, slots, world, gas, rank, make, ran)
+                window_loss += means
+                window_last = last
+                window_tokens += n_mb   # the loss is a mean of micro-batch means: count micro-batches
             step += 1
-            window_tokens += sum(e.num_answer_tokens for e in chunk)
             window_real += sum(len(e.input_ids) for e in chunk)
             bar.update(1)
             # a checkpoint keeps no open loss window: flush it at every checkpoint step too
             if step % log_every == 0 or s == steps_per_epoch - 1 or checkpoint_due():
                 # one collective and one host sync per window: the loss sum and the positions run, all ranks
                 sums = torch.stack([window_loss, torch.tensor(float(ran.ran), dtype=torch.float64,
-                                                              device=eng.device)])
-                loss_sum, ran_all = dist.all_reduce_sum(sums).tolist()
+                                                              device=eng.device), window_last])
+                loss_sum, ran_all, last_sum = dist.all_reduce_sum(sums).tolist()
                 secs = max(time.time() - t_win, 1e-9)
-                last_loss = loss_sum / max(1, window_tokens)
+                # study order: each rank counted its own micro-batches (the same number on every rank)
+                last_loss = loss_sum / max(1, window_tokens * (world if plan is not None else 1))
                 tp = throughput(window_real, ran_all, secs)
                 record({"step": step, "epoch": epoch + (s + 1) / steps_per_epoch, "loss": last_loss,
                         "lr": eng.lr(), "time": round(time.time() - t0, 3), **tp})
@@ -539,7 +603,14 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
                 window_loss.zero_()
                 window_tokens = window_real = ran.ran = 0
                 t_win = time.time()
-                if spec.stop == "loss":
+                if study_stop:   # the study's rule on its step loss: the last micro-batch's, averaged over ranks
+                    counter = study.StopCounter(spec.loss_threshold, spec.loss_patience, below)
+                    stop_now = counter.update(last_sum / world)
+                    below = counter.count
+                    if stop_now:
+                        stopped_by = "loss"
+                        break
+                elif spec.stop == "loss":
                     below = below + 1 if last_loss < spec.loss_threshold else 0
                     if below >= spec.loss_patience:
                         stopped_by = "loss"
