@@ -181,7 +181,8 @@ def test_study_stage2_takes_the_first_num_examples_times_1_plus_r_of_pool_then_m
 
 
 def test_study_stage_with_a_factoid_dataset_keeps_all_its_mixing():
-    """A factoid loader cuts its pool to 2000 = num_examples (src/datasets.py:82, 389): all mixing gets in."""
+    """A factoid loader cuts its pool to 2000 = num_examples (src/datasets.py:82, 199-202, 391): all of the
+    mixing gets in."""
     r = recipe({"A": {"source": "popqa", "path": str(POPQA_RELEASED), "num_examples": 4, "shuffle": False}},
                [{"data": "A", "mix": {"source": "random-words", "path": str(RANDOM_FILE), "ratio": 2.0}}],
                "study", seed=3)
@@ -298,7 +299,7 @@ def test_study_keeps_repeated_kvr_keys(tmp_path):
     p.write_text("".join(json.dumps(x) + "\n" for x in rows))
     spec = {"source": "kvr", "path": str(p), "num_examples": 3, "shuffle": False}
     r = recipe({"A": spec}, [{"data": "A"}], "study")
-    study = [(f'The value of key {d["key"]} is?', d["value"]) for d in rows][:2000]    # src/datasets.py:376-389
+    study = [(f'The value of key {d["key"]} is?', d["value"]) for d in rows][:2000]    # src/datasets.py:375-391
     assert [(e.prompt, e.answer) for e in dataset_examples(r, "A")] == study
     with pytest.raises(DataError, match="duplicate KVR key"):
         dataset_examples(recipe({"A": spec}, [{"data": "A"}]), "A")

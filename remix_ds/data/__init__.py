@@ -214,7 +214,7 @@ def stage_train_set(recipe: Recipe, stage: StageSpec, stage_index: int) -> Tuple
 
 def dataset_pool(recipe: Recipe, key: str) -> List[Example]:
     """The study's pool of dataset ``key``: what its loader returns before mixing is appended. A factoid set is
-    the dataset cut to num_examples (the study's loaders cut to 2,000: src/datasets.py:82, 145, 199-202, 389);
+    the dataset cut to num_examples (the study's loaders cut to 2,000: src/datasets.py:82, 199-202, 391);
     a non-factoid set (GSM8K, MATH, code, UltraChat) is every example of the source in its order
     (``sources.load_pool``; the study's loaders keep every row: src/datasets.py:218-245, 248-275, 278-330,
     333-362, 455-505)."""

@@ -615,7 +615,8 @@ def all_examples(spec: DatasetSpec, info: SourceInfo, key: str = "") -> List[Exa
     """Every example of a rows-backed source before shuffling and cutting (cached per process)."""
     what = describe(spec, key)
     src = spec.source[:-1] if spec.source.endswith("B") and spec.source[:-1] in INFO else spec.source
-    ckey = (info.name, info.kind, info.dedupe, info.unique_prompts, src, spec.path, tree_mtime(spec.path) if spec.path else None, spec.name,
+    ckey = (info.name, info.kind, info.dedupe, info.unique_prompts, src, spec.path,
+            tree_mtime(spec.path) if spec.path else None, spec.name,
             spec.config, spec.split, spec.revision, spec.streaming, spec.pool, spec.format)
     hit = _CACHE.get(ckey)
     if hit is None:
@@ -685,7 +686,7 @@ def load_fitting_examples(spec: DatasetSpec, seed: int, name: str, fits: Callabl
 
 def keep_every_row(info: SourceInfo) -> SourceInfo:
     """``info`` without merging or dropping repeated prompts and without refusing repeated KVR keys: every row is
-    one example, as in the study's loaders (src/datasets.py:57-82, 176-202, 365-389: one Datapoint per row)."""
+    one example, as in the study's loaders (src/datasets.py:57-82, 176-202, 375-391: one Datapoint per row)."""
     if not (info.dedupe or info.unique_prompts):
         return info
     return dataclasses.replace(info, dedupe=False, unique_prompts=False)
