@@ -705,7 +705,11 @@ def load_pool(spec: DatasetSpec, seed: int, name: str = "", keep_repeats: bool =
         info = keep_every_row(info)
     examples = all_examples(spec, info, name)
     skip = spec.skip if spec.skip is not None else (spec.num_examples if b_variant else 0)
-    out = cut(examples, len(examples), seed, max(skip, 0), spec.shuffle)
+    if skip < 0:
+        raise ConfigError(f"{describe(spec, name)}: skip must be >= 0, got {skip}")
+    out = cut(examples, len(examples), seed, skip, spec.shuffle)
+    if not out:
+        raise DataError(f"{describe(spec, name)}: no examples left after skipping {skip} of {len(examples)}")
     factoid = source_is_factoid(spec)
     for ex in out:
         ex.factoid = factoid
