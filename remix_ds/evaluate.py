@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .data.example import Example
-from .data.formatting import IGNORE, Encoded, collate, collate_prompts, encode_example, pad_id_of, prompt_ids
+from .data.formatting import (IGNORE, Encoded, collate, collate_prompts, encode_scored_example, pad_id_of,
+                              prompt_ids)
 from .engine import AnswerLoss, write_json_atomic
 from .errors import ConfigError
 from .metrics import aggregate, alias_match, exact_match, is_task_source, normalize, score_example  # noqa: F401
@@ -254,7 +255,8 @@ def teacher_forced_accuracy(logits_fn, encoded: Sequence[Encoded], batch_size: i
 
 
 def encode_for_scoring(tokenizer, examples: Sequence[Example]) -> List[Encoded]:
-    return [encode_example(tokenizer, ex, i) for i, ex in enumerate(examples)]
+    """The prompts as generation sees them, then the gold answers (``formatting.encode_scored_example``)."""
+    return [encode_scored_example(tokenizer, ex, i) for i, ex in enumerate(examples)]
 
 
 def model_logits_fn(model, device: torch.device) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:

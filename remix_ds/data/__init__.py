@@ -1,17 +1,31 @@
-"""Data: source loaders -> Example -> cut to size -> + mixing -> shuffled by seed."""
+"""Data: source loaders -> Example -> cut to size -> + mixing -> shuffled by seed.
+
+``semantics: study`` (``Recipe.study``) changes what the data layer hands the training side, as the study's
+released code does it (docs/fidelity.md):
+
+- every example is marked ``study_format``: it trains on the study's training text (each turn stripped,
+  ``formatting.encode_study_example``) while generation and scoring keep its prompt as is;
+- every row of a source is kept, repeated prompts and KVR keys included (``sources.keep_every_row``);
+- a stage with mixing trains on the first num_examples * (1 + ratio) examples of its dataset's pool followed
+  by int(len(pool) * ratio) mixing examples (``study_train_set``): for a non-factoid dataset, whose pool is the
+  whole source, mixing reaches training only when the pool is shorter than that;
+- mixing passages are drawn as the study draws them (``random.Random(seed)``, the run seed).
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..config import OVERLONG, Recipe, StageSpec
 from ..errors import ConfigError, DataError
 from .example import Example
 from .formatting import encoded_length
-from .mixing import (TEXT_SOURCES, num_mix_examples, random_word_examples, replay_examples,
+from .mixing import (TEXT_SOURCES, num_mix_examples, random_file_examples, random_word_examples, replay_examples,
                      text_passage_examples)
-from .sources import FACTOID, SOURCES, describe, load_examples, load_fitting_examples, source_is_factoid
+from .sources import (FACTOID, SOURCES, describe, load_examples, load_fitting_examples, load_pool,
+                      source_is_factoid)
 
 log = logging.getLogger(__name__)
 MIX_SOURCES = ("random-words",) + tuple(TEXT_SOURCES) + ("replay",)
@@ -25,7 +39,16 @@ def dataset_examples(recipe: Recipe, key: str) -> List[Example]:
     if _overlong(recipe, key) == "drop":
         return fitting_examples(recipe, key, recipe_tokenizer(recipe, key), recipe.max_seq_length)
     seed = recipe.seed if spec.seed is None else spec.seed
-    return load_examples(spec, seed, key)
+    return in_semantics(recipe, load_examples(spec, seed, key, keep_repeats=recipe.study))
+
+
+def in_semantics(recipe: Recipe, examples: List[Example]) -> List[Example]:
+    """The examples (fresh objects) marked ``study_format`` under ``semantics: study``, so that they train on the
+    study's training text (``formatting.encode_example``); unchanged under ``semantics: remix``."""
+    if recipe.study:
+        for ex in examples:
+            ex.study_format = True
+    return examples
 
 
 def _overlong(recipe: Recipe, key: str) -> str:
@@ -81,17 +104,9 @@ def fitting_examples(recipe: Recipe, key: str, tokenizer: Any, max_seq_length: i
     spec = recipe.datasets[key]
     seed = recipe.seed if spec.seed is None else spec.seed
     if _overlong(recipe, key) != "drop":
-        return load_examples(spec, seed, key)
-    lengths = _LENGTHS.setdefault(tokenizer, {})
-
-    def fits(ex: Example) -> bool:
-        text = (ex.prompt, ex.answer, tuple(map(tuple, ex.messages)) if ex.messages else None)
-        n = lengths.get(text)
-        if n is None:
-            n = lengths[text] = encoded_length(tokenizer, ex)
-        return n <= max_seq_length
-
-    examples, n_over, refilled = load_fitting_examples(spec, seed, key, fits)
+        return in_semantics(recipe, load_examples(spec, seed, key, keep_repeats=recipe.study))
+    fits = _fits(recipe, tokenizer, max_seq_length)
+    examples, n_over, refilled = load_fitting_examples(spec, seed, key, fits, keep_repeats=recipe.study)
     what = describe(spec, key)
     if n_over and refilled:
         _log_once(logging.INFO, "%s: skipped %d examples longer than max_seq_length=%d (overlong: drop); "
@@ -102,7 +117,24 @@ def fitting_examples(recipe: Recipe, key: str, tokenizer: Any, max_seq_length: i
     if len(examples) < spec.num_examples:
         _log_once(logging.WARNING, "%s: only %d examples fit max_seq_length=%d (num_examples=%d, overlong: drop)",
                   what, len(examples), max_seq_length, spec.num_examples)
-    return examples
+    return in_semantics(recipe, examples)
+
+
+def _fits(recipe: Recipe, tokenizer: Any, max_seq_length: int) -> Callable[[Example], bool]:
+    """Whether an example's training encoding (the study's training text under ``semantics: study``) fits
+    max_seq_length; lengths are cached per tokenizer."""
+    lengths = _LENGTHS.setdefault(tokenizer, {})
+    study = recipe.study
+
+    def fits(ex: Example) -> bool:
+        if study and not ex.study_format:
+            ex = dataclasses.replace(ex, study_format=True)
+        text = (ex.prompt, ex.answer, tuple(map(tuple, ex.messages)) if ex.messages else None, ex.study_format)
+        n = lengths.get(text)
+        if n is None:
+            n = lengths[text] = encoded_length(tokenizer, ex)
+        return n <= max_seq_length
+    return fits
 
 
 def is_factoid(recipe: Recipe, key: str) -> bool:
@@ -134,7 +166,10 @@ def replay_key(recipe: Recipe, stage: StageSpec, stage_index: int) -> str:
     return key
 
 
-def mixing_examples(recipe: Recipe, stage: StageSpec, n_data: int, stage_index: int) -> List[Example]:
+def mixing_examples(recipe: Recipe, stage: StageSpec, n_data: int, stage_index: int,
+                    limit: Optional[int] = None) -> List[Example]:
+    """The stage's int(n_data * ratio) mixing examples (only the first ``limit`` of them when given: every
+    source draws them so that a shorter list is a prefix of the longer one)."""
     mix = stage.mix
     if mix is None:
         return []
@@ -143,15 +178,25 @@ def mixing_examples(recipe: Recipe, stage: StageSpec, n_data: int, stage_index: 
         n = num_mix_examples(n_data, mix.ratio)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
-    seed = (recipe.seed if mix.seed is None else mix.seed) + 7919 * stage_index
+    if limit is not None:
+        n = min(n, max(limit, 0))
+    base = recipe.seed if mix.seed is None else mix.seed
+    seed = base + 7919 * stage_index
+    # the study's draw: its only mixing shuffle is Python's random seeded with the run seed (src/train.py:102,
+    # src/datasets.py:523), which random.Random(base) repeats; remix_ds draws per stage and per source
+    study_rng = base if recipe.study else None
     if mix.source == "random-words":
-        return random_word_examples(n, seed, mix.prompt_words, mix.target_words)
+        if mix.path:
+            rng = study_rng if recipe.study else f"random-words-file-{seed}"
+            # the study slices what its file holds; remix_ds refuses a file too short for the ratio
+            return in_semantics(recipe, random_file_examples(mix.path, n, rng, where, strict=not recipe.study))
+        return in_semantics(recipe, random_word_examples(n, seed, mix.prompt_words, mix.target_words))
     if mix.source in TEXT_SOURCES:
         if mix.prompt_words < 1 or mix.target_words < 1:
             raise ConfigError(f"{where}: prompt_words and target_words must be at least 1")
         fix = (f"set stage{stage_index}.mix.path in the recipe to a .json/.jsonl/.parquet file or a "
                f"save_to_disk directory of documents with a text (or content) field")
-        return text_passage_examples(mix, n, seed, where, fix)
+        return in_semantics(recipe, text_passage_examples(mix, n, seed, where, fix, rng_seed=study_rng))
     if mix.source == "replay":
         key = replay_key(recipe, stage, stage_index)
         return replay_examples(dataset_examples(recipe, key), n, seed, key)
@@ -159,10 +204,75 @@ def mixing_examples(recipe: Recipe, stage: StageSpec, n_data: int, stage_index: 
 
 
 def stage_train_set(recipe: Recipe, stage: StageSpec, stage_index: int) -> Tuple[List[Example], List[Example]]:
-    """(the stage's dataset D, D + mixing). Mixing is added after D is cut to size."""
+    """(the stage's dataset D, D + mixing). Mixing is added after D is cut to size (``semantics: study`` with
+    mixing: ``study_train_set``)."""
+    if recipe.study and stage.mix is not None:
+        return study_train_set(recipe, stage, stage_index)
     data = dataset_examples(recipe, stage.data)
     return data, data + mixing_examples(recipe, stage, len(data), stage_index)
 
 
-__all__ = ["Example", "FACTOID", "MIX_SOURCES", "SOURCES", "DataError", "dataset_examples", "fitting_examples",
-           "is_factoid", "load_examples", "mixing_examples", "recipe_tokenizer", "stage_train_set"]
+def dataset_pool(recipe: Recipe, key: str) -> List[Example]:
+    """The study's pool of dataset ``key``: what its loader returns before mixing is appended. A factoid set is
+    the dataset cut to num_examples (the study's loaders cut to 2,000: src/datasets.py:82, 199-202, 391);
+    a non-factoid set (GSM8K, MATH, code, UltraChat) is every example of the source in its order
+    (``sources.load_pool``; the study's loaders keep every row: src/datasets.py:218-245, 248-275, 278-330,
+    333-362, 455-505)."""
+    if is_factoid(recipe, key):
+        return dataset_examples(recipe, key)
+    spec = recipe.datasets[key]
+    seed = recipe.seed if spec.seed is None else spec.seed
+    return in_semantics(recipe, load_pool(spec, seed, key, keep_repeats=recipe.study))
+
+
+def study_train_set(recipe: Recipe, stage: StageSpec, stage_index: int) -> Tuple[List[Example], List[Example]]:
+    """The study's training set of a stage with mixing: (the dataset's part, that part + the mixing part).
+
+    The study appends int(len(pool) * ratio) mixing examples after the dataset's whole pool (src/datasets.py
+    499-504, 508-525), and its scripts train on the first train_num_examples = 2000 + 2000 * mix_ratio of that
+    list (scripts/run_stage1.sh:80-84, run_stage2.sh:228-232; src/core/data/sft.py:86-109: with
+    use_train_for_dev the train slice starts at 0), its encoder skipping over-long examples (sft.py:182-187,
+    231-233). Here 2000 is num_examples, the count is rounded as the scripts' printf "%.0f" rounds, and
+    over-long examples are skipped when the dataset has ``overlong: drop``. For a factoid dataset (pool =
+    num_examples) that is the dataset followed by all its mixing, as in remix semantics; for a non-factoid
+    one it is the pool's first num_examples * (1 + ratio) examples, and mixing only fills what the pool lacks:
+    GSM8K's 7,473 training rows leave no room for mixing at ratio 2 (6,000) and 2,527 mixing examples at
+    ratio 4 (10,000)."""
+    mix = stage.mix
+    key = stage.data
+    spec = recipe.datasets[key]
+    if mix.ratio < 0:
+        raise ConfigError(f"stage{stage_index} mix ({mix.source}): mix ratio must be >= 0, got {mix.ratio}")
+    pool = dataset_pool(recipe, key)
+    n_train = round(spec.num_examples + spec.num_examples * mix.ratio)
+    fits = (_fits(recipe, recipe_tokenizer(recipe, key), recipe.max_seq_length)
+            if _overlong(recipe, key) == "drop" else None)
+    data = _first_fitting(pool, n_train, fits)
+    need = n_train - len(data)
+    if need <= 0:
+        return data, list(data)
+    n_mix = num_mix_examples(len(pool), mix.ratio)
+    limit = need
+    while True:   # more candidates only when over-long mixing examples were skipped
+        candidates = mixing_examples(recipe, stage, len(pool), stage_index, limit=limit)
+        mixing = _first_fitting(candidates, need, fits)
+        if len(mixing) >= need or len(candidates) < limit or limit >= n_mix:
+            return data, data + mixing
+        limit = min(n_mix, 2 * limit)
+
+
+def _first_fitting(examples: List[Example], n: int, fits: Optional[Callable[[Example], bool]]) -> List[Example]:
+    if fits is None:
+        return examples[:n]
+    out: List[Example] = []
+    for ex in examples:
+        if len(out) >= n:
+            break
+        if fits(ex):
+            out.append(ex)
+    return out
+
+
+__all__ = ["Example", "FACTOID", "MIX_SOURCES", "SOURCES", "DataError", "dataset_examples", "dataset_pool",
+           "fitting_examples", "in_semantics", "is_factoid", "load_examples", "mixing_examples", "recipe_tokenizer",
+           "stage_train_set", "study_train_set"]

@@ -18,6 +18,11 @@ class Example:
     # A multi-turn conversation (UltraChat): every (user, assistant) turn, in order; every assistant turn
     # is trained. None for single-turn examples (prompt -> answer).
     messages: Optional[List[Turn]] = None
+    # ``semantics: study`` (set by ``remix_ds.data.dataset_examples`` / ``stage_train_set``): train on the study's
+    # training text, which strips every turn's content (its ``_concat_messages``, src/core/data/sft.py:214-226),
+    # so PopQA/TriviaQA train on "...The answer is:" while generation and scoring keep ``prompt`` as is
+    # ("...The answer is: ", the study's evaluation string, sft.py:313-318). See ``formatting.encode_example``.
+    study_format: bool = False
 
     @property
     def turns(self) -> List[Turn]:

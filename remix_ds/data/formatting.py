@@ -8,6 +8,11 @@ A conversation (``Example.messages``, e.g. UltraChat) becomes one BOS followed b
 ``<|user|>\\n{q}\\n<|assistant|>\\n{a} EOS`` for every turn; every assistant turn and its EOS is trained,
 everything else is -100.
 
+An example marked ``study_format`` (``semantics: study``) is encoded as the study's training text instead
+(``encode_study_example``): every turn's content stripped, and a newline after every EOS but the last. Its
+generation prompt is still ``render_prompt(example.prompt)``, unstripped: the study trains PopQA/TriviaQA on
+``...The answer is:`` and evaluates them on ``...The answer is: `` (``encode_scored_example``).
+
 Examples longer than ``max_seq_length``: factoid examples are dropped (a cut answer cannot be scored);
 non-factoid examples (instruction data, conversations, mixing passages) are truncated to
 ``max_seq_length`` tokens, as instruction-tuning code does, and dropped only when no trained token is
@@ -16,6 +21,7 @@ study's rule: its sets are chosen from the examples that fit, see ``remix_ds.dat
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 from dataclasses import dataclass
@@ -62,6 +68,9 @@ def encoded_length(tokenizer, ex: Example) -> int:
 
 
 def encode_example(tokenizer, ex: Example, index: int = 0) -> Encoded:
+    """The training encoding of an example (``encode_study_example`` for one marked ``study_format``)."""
+    if ex.study_format:
+        return encode_study_example(tokenizer, ex, index)
     if not ex.messages:
         p = prompt_ids(tokenizer, ex.prompt)
         a = answer_ids(tokenizer, ex.answer)
@@ -74,6 +83,36 @@ def encode_example(tokenizer, ex: Example, index: int = 0) -> Encoded:
         ids += u + a
         labels += [IGNORE] * len(u) + a
     return Encoded(input_ids=ids, labels=labels, index=index)
+
+
+def encode_study_example(tokenizer, ex: Example, index: int = 0) -> Encoded:
+    """The study's training text, token by token (src/core/data/sft.py:214-258).
+
+    The study writes ``<|user|>\n{q.strip()}\n<|assistant|>\n{a.strip()}{EOS}\n`` per turn, strips the whole
+    text and tokenizes it with BOS; labels are -100 from each user turn's start through ``<|assistant|>\n``.
+    So: each turn's content is stripped (a PopQA prompt ``...The answer is: `` trains as ``...The answer is:``,
+    a GSM8K answer loses surrounding whitespace), and every EOS but the last is followed by a newline, which
+    the study's mask leaves trained (each user turn's mask starts after it). As everywhere here, the prompt and
+    answer pieces are tokenized separately so that the label boundary is exact."""
+    ids = _bos(tokenizer)
+    labels = [IGNORE] * len(ids)
+    turns = ex.turns
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    for j, (user, assistant) in enumerate(turns):
+        u = tokenizer.encode(render_prompt(user.strip()), add_special_tokens=False)
+        a = answer_ids(tokenizer, assistant.strip()) + (newline if j < len(turns) - 1 else [])
+        ids += u + a
+        labels += [IGNORE] * len(u) + a
+    return Encoded(input_ids=ids, labels=labels, index=index)
+
+
+def encode_scored_example(tokenizer, ex: Example, index: int = 0) -> Encoded:
+    """What teacher-forced scoring feeds: the generation prompt (``prompt_ids(ex.prompt)``, the prompt as is)
+    followed by the answer and EOS, so that it scores exactly what greedy generation from that prompt would
+    produce. The training encoding but for ``study_format``, whose training text strips the prompt."""
+    if ex.study_format:
+        ex = dataclasses.replace(ex, study_format=False)
+    return encode_example(tokenizer, ex, index)
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], max_seq_length: int,

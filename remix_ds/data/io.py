@@ -31,19 +31,7 @@ def read_records(path: str) -> List[Dict[str, Any]]:
     if not os.path.exists(path):
         raise DataError(f"dataset file not found: {path}")
     if path.endswith(".jsonl"):
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
-                records.append(rec)
-        return records
+        return [rec for _, rec in iter_jsonl(path)]
     if path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             try:
@@ -58,6 +46,23 @@ def read_records(path: str) -> List[Dict[str, Any]]:
     if path.endswith(".parquet"):
         return read_parquet(path)
     raise DataError(f"{path}: unsupported file type (use .json, .jsonl, .parquet or a save_to_disk directory)")
+
+
+def iter_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(line number, record) for every non-blank line of a .jsonl file; a bad line is a DataError naming it."""
+    if not os.path.exists(path):
+        raise DataError(f"dataset file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
+            yield lineno, rec
 
 
 def read_parquet(path: str) -> List[Dict[str, Any]]:

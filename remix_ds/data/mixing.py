@@ -6,7 +6,10 @@ Random words and generic text share the study's passage shape: the prompt is
 
 - ``random-words``: words drawn uniformly, with replacement, from the ``web2`` word list of the
   ``english-words`` package (lower-cased, alphabetic words of 2 to 12 letters, sorted so the draw is
-  reproducible from the seed).
+  reproducible from the seed). With ``path:``, the passages of a file in the schema of the study's
+  ``random_pretraining.jsonl`` instead (``datapoint_idx``, ``input_text``, ``target_text`` per line; prompt
+  and target used verbatim, ``prompt_words``/``target_words`` unused): shuffled by the seed, first ``n``
+  (``random_file_examples``).
 - ``knowledge-pile``, ``fineweb``, ``arxiv-pile``: documents of generic text. The first ``pool`` documents
   (20,000, as in the study) are read; those of at least ``prompt_words + target_words`` whitespace-separated
   words (100 by default) become passages (their first words, split as above); the passages are shuffled by
@@ -20,14 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import os
 import random
 from dataclasses import dataclass
 from itertools import islice
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 from ..errors import DataError
 from .example import Example
 
+log = logging.getLogger(__name__)
 PASSAGE_PROMPT = "Complete the following partial passage:\n\n"
 TEXT_POOL = 20000
 
@@ -51,6 +57,85 @@ def passage(words: Sequence[str], prompt_words: int, target_words: int, source: 
     return Example(prompt=PASSAGE_PROMPT + " ".join(words[:prompt_words]),
                    answer=" ".join(words[prompt_words:prompt_words + target_words]), role="mix", source=source,
                    factoid=False)
+
+
+PASSAGE_FILE_FIELDS = ("datapoint_idx", "input_text", "target_text")
+
+
+def read_passage_file(path: str, where: str) -> List[Example]:
+    """The passages of a file in the schema of the study's ``random_pretraining.jsonl`` (read by its
+    ``load_random_pretraining``, src/datasets.py:606-635): one JSON object per line with ``datapoint_idx`` (an
+    integer), ``input_text`` (the prompt) and ``target_text`` (the target), in file order. Blank lines are
+    skipped. A malformed line is a DataError naming the file and line. A .json or .parquet file of such
+    records works too (errors then name the record's 1-based row)."""
+    from .io import iter_jsonl, local_rows
+
+    path = os.path.expanduser(path)
+    if path.endswith(".jsonl") and os.path.isfile(path):
+        rows: Iterable = ((path, lineno, rec) for lineno, rec in iter_jsonl(path))
+        unit = "line"
+    else:
+        rows, unit = local_rows(path), "row"
+    try:
+        out = _passages(rows, unit, where)
+    except DataError as e:   # io's own errors (malformed JSON, a missing file) name the file and line already
+        if str(e).startswith(where):
+            raise
+        raise DataError(f"{where}: {e}") from None
+    if not out:
+        raise DataError(f"{where}: {path}: the passage file is empty (no rows)")
+    return out
+
+
+def _passages(rows: Iterable, unit: str, where: str) -> List[Example]:
+    out = []
+    for origin, n, rec in rows:
+        at = f"{where}: {origin}: {unit} {n}"
+        if not isinstance(rec, dict):
+            raise DataError(f"{at}: expected a JSON object, got {type(rec).__name__}")
+        missing = [f for f in PASSAGE_FILE_FIELDS if f not in rec]
+        if missing:
+            raise DataError(f"{at}: missing field {missing[0]!r} (a random_pretraining.jsonl row holds "
+                            f"{', '.join(PASSAGE_FILE_FIELDS)}; fields present: {', '.join(sorted(rec)) or 'none'})")
+        idx = rec["datapoint_idx"]
+        if isinstance(idx, bool) or not isinstance(idx, int):
+            raise DataError(f"{at}: datapoint_idx must be an integer, got {idx!r}")
+        for f in ("input_text", "target_text"):
+            if not isinstance(rec[f], str) or not rec[f].strip():
+                raise DataError(f"{at}: {f} must be a non-empty string, got {rec[f]!r}")
+        out.append(Example(prompt=rec["input_text"], answer=rec["target_text"], role="mix", source="random-words",
+                           factoid=False))
+    return out
+
+
+_FILE_CACHE: Dict[tuple, List[Example]] = {}
+
+
+def random_file_examples(path: str, n: int, rng_seed: Union[int, str], where: str, strict: bool = True
+                         ) -> List[Example]:
+    """n passages of a ``random_pretraining.jsonl``-style file (``read_passage_file``): the file's rows shuffled
+    by ``random.Random(rng_seed)``, the first n. The study shuffles the whole list with Python's ``random`` seeded
+    by the run seed and takes the first int(len(D) * ratio) (src/datasets.py:508-525, seed: src/train.py:102);
+    ``random.Random(seed)`` draws the same permutation. A longer n takes the same first passages, and more.
+    Fewer rows than n: a DataError when ``strict``, else (the study's slice) all of them, with a warning."""
+    from .io import tree_mtime
+
+    key = (os.path.expanduser(path), tree_mtime(path))
+    rows = _FILE_CACHE.get(key)
+    if rows is None:
+        rows = read_passage_file(path, where)
+        if len(_FILE_CACHE) >= 4:
+            _FILE_CACHE.pop(next(iter(_FILE_CACHE)))
+        _FILE_CACHE[key] = rows
+    if n > len(rows):
+        if strict:
+            raise DataError(f"{where}: {n} mixing examples needed but {path} holds only {len(rows)} passages; "
+                            f"lower mix.ratio or give a longer file")
+        log.warning("%s: %d mixing examples wanted but %s holds only %d passages; all of them are used (as the "
+                    "study's slice does)", where, n, path, len(rows))
+    order = list(range(len(rows)))
+    random.Random(rng_seed).shuffle(order)
+    return [dataclasses.replace(rows[i]) for i in order[:n]]
 
 
 def random_word_examples(n: int, seed: int, prompt_words: int = 50, target_words: int = 50) -> List[Example]:
@@ -116,8 +201,11 @@ def text_documents(mix, where: str, fix: str) -> List[List[str]]:
 _DOC_CACHE: Dict[tuple, List[List[str]]] = {}
 
 
-def text_passage_examples(mix, n: int, seed: int, where: str, fix: str) -> List[Example]:
-    """n passages from documents of at least prompt_words + target_words words, shuffled by the seed."""
+def text_passage_examples(mix, n: int, seed: int, where: str, fix: str,
+                          rng_seed: Optional[Union[int, str]] = None) -> List[Example]:
+    """n passages from documents of at least prompt_words + target_words words, shuffled by the seed
+    (``random.Random(rng_seed)`` when given: the study's draw, see ``random_file_examples``). A longer n takes
+    the same first passages, and more."""
     if n == 0:
         return []
     from .io import tree_mtime
@@ -136,12 +224,13 @@ def text_passage_examples(mix, n: int, seed: int, where: str, fix: str) -> List[
         raise DataError(f"{where}: {n} mixing examples needed but only {len(eligible)} of the {len(docs)} documents "
                         f"read have at least {need} words; raise mix.pool, lower mix.ratio, or give more text")
     order = list(range(len(eligible)))
-    random.Random(f"{mix.source}-{seed}").shuffle(order)
+    random.Random(f"{mix.source}-{seed}" if rng_seed is None else rng_seed).shuffle(order)
     return [passage(eligible[i], mix.prompt_words, mix.target_words, mix.source) for i in order[:n]]
 
 
 def clear_cache() -> None:
     _DOC_CACHE.clear()
+    _FILE_CACHE.clear()
 
 
 # ---------------------------------------------------------------- replay

@@ -17,7 +17,9 @@ Rows may be in any of three schemas, detected from the first row (or forced with
 
 Rows that repeat a question (the same prompt) are one example (``SourceInfo.dedupe``: PopQA, TriviaQA, LAMA):
 repeats of one fact are merged into the first row, their answers added as aliases; for PopQA and TriviaQA a
-question whose rows give different facts (different entities of one name) is ambiguous and dropped.
+question whose rows give different facts (different entities of one name) is ambiguous and dropped. A KVR
+file that repeats a key is an error. ``keep_repeats=True`` (``semantics: study``) keeps every row instead, one
+example each, as the study's loaders do (src/datasets.py: every row of the file becomes a datapoint).
 
 Then every set is shuffled deterministically by the seed and cut: examples ``skip .. skip+num_examples``
 of the shuffled order (``skip`` is 0, and ``num_examples`` for the ``...B`` sources, which so take the
@@ -613,7 +615,8 @@ def all_examples(spec: DatasetSpec, info: SourceInfo, key: str = "") -> List[Exa
     """Every example of a rows-backed source before shuffling and cutting (cached per process)."""
     what = describe(spec, key)
     src = spec.source[:-1] if spec.source.endswith("B") and spec.source[:-1] in INFO else spec.source
-    ckey = (info.name, info.kind, src, spec.path, tree_mtime(spec.path) if spec.path else None, spec.name,
+    ckey = (info.name, info.kind, info.dedupe, info.unique_prompts, src, spec.path,
+            tree_mtime(spec.path) if spec.path else None, spec.name,
             spec.config, spec.split, spec.revision, spec.streaming, spec.pool, spec.format)
     hit = _CACHE.get(ckey)
     if hit is None:
@@ -663,12 +666,13 @@ def source_is_factoid(spec: DatasetSpec) -> bool:
     return FACTOID.get(spec.source, True)
 
 
-def load_examples(spec: DatasetSpec, seed: int, name: str = "") -> List[Example]:
-    return _load(spec, seed, name, None)[0]
+def load_examples(spec: DatasetSpec, seed: int, name: str = "", keep_repeats: bool = False) -> List[Example]:
+    """The dataset's examples, cut to num_examples. ``keep_repeats``: every row is an example (``keep_every_row``)."""
+    return _load(spec, seed, name, None, keep_repeats)[0]
 
 
-def load_fitting_examples(spec: DatasetSpec, seed: int, name: str,
-                          fits: Callable[[Example], bool]) -> Tuple[List[Example], int, bool]:
+def load_fitting_examples(spec: DatasetSpec, seed: int, name: str, fits: Callable[[Example], bool],
+                          keep_repeats: bool = False) -> Tuple[List[Example], int, bool]:
     """``overlong: drop``: the dataset's examples as ``load_examples`` cuts them, from its order with the examples
     failing ``fits`` left out, so that a cut of num_examples holds num_examples fitting ones while the order has
     them. ``skip`` (and a ``...B`` source's default skip of num_examples) counts fitting examples: a B variant
@@ -676,12 +680,44 @@ def load_fitting_examples(spec: DatasetSpec, seed: int, name: str,
 
     Returns (examples, over-long examples passed over, refilled). A generated set (kvr without a path, a
     ``@source`` function) cannot be walked further: its over-long examples are removed, not replaced
-    (refilled False)."""
-    return _load(spec, seed, name, fits)
+    (refilled False). ``keep_repeats``: as in ``load_examples``."""
+    return _load(spec, seed, name, fits, keep_repeats)
+
+
+def keep_every_row(info: SourceInfo) -> SourceInfo:
+    """``info`` without merging or dropping repeated prompts and without refusing repeated KVR keys: every row is
+    one example, as in the study's loaders (src/datasets.py:57-82, 176-202, 375-391: one Datapoint per row)."""
+    if not (info.dedupe or info.unique_prompts):
+        return info
+    return dataclasses.replace(info, dedupe=False, unique_prompts=False)
+
+
+def load_pool(spec: DatasetSpec, seed: int, name: str = "", keep_repeats: bool = False) -> List[Example]:
+    """Every example of the dataset in its order (shuffled by the seed, or the file order with ``shuffle: false``),
+    from ``skip`` on, not cut to num_examples: what the study calls a non-factoid dataset's pool (its loaders
+    return every row; src/datasets.py:455-505 for GSM8K and MATH). A generated set (kvr without a path, a
+    ``@source`` function) is its ``load_examples``."""
+    rows = rows_backed(spec)
+    if rows is None:
+        return load_examples(spec, seed, name, keep_repeats=keep_repeats)
+    info, b_variant = rows
+    if keep_repeats:
+        info = keep_every_row(info)
+    examples = all_examples(spec, info, name)
+    skip = spec.skip if spec.skip is not None else (spec.num_examples if b_variant else 0)
+    if skip < 0:
+        raise ConfigError(f"{describe(spec, name)}: skip must be >= 0, got {skip}")
+    out = cut(examples, len(examples), seed, skip, spec.shuffle)
+    if not out:
+        raise DataError(f"{describe(spec, name)}: no examples left after skipping {skip} of {len(examples)}")
+    factoid = source_is_factoid(spec)
+    for ex in out:
+        ex.factoid = factoid
+    return out
 
 
 def _load(spec: DatasetSpec, seed: int, name: str,
-          fits: Optional[Callable[[Example], bool]]) -> Tuple[List[Example], int, bool]:
+          fits: Optional[Callable[[Example], bool]], keep_repeats: bool = False) -> Tuple[List[Example], int, bool]:
     if spec.source not in SOURCES:
         raise ConfigError(f"dataset {name or spec.source}: unknown source {spec.source!r} "
                           f"(known: {', '.join(sorted(SOURCES))})")
@@ -689,10 +725,12 @@ def _load(spec: DatasetSpec, seed: int, name: str,
         raise ConfigError(f"dataset {name or spec.source}: format must be one of {', '.join(FORMATS)}, "
                           f"got {spec.format!r}")
     fn = SOURCES[spec.source]
-    rows = rows_backed(spec) if fits is not None else None
+    # a rows-backed source is cut here (the same cut its loader makes) when the rows need another reading
+    rows = rows_backed(spec) if fits is not None or keep_repeats else None
     n_over, refilled = 0, True
     if rows is not None:
-        examples, n_over = _rows_cut(spec, seed, name, rows[0], rows[1], fits)
+        info = keep_every_row(rows[0]) if keep_repeats else rows[0]
+        examples, n_over = _rows_cut(spec, seed, name, info, rows[1], fits)
     else:
         try:
             takes_key = len(inspect.signature(fn).parameters) >= 3
