@@ -39,13 +39,13 @@ def dataset_examples(recipe: Recipe, key: str) -> List[Example]:
     if _overlong(recipe, key) == "drop":
         return fitting_examples(recipe, key, recipe_tokenizer(recipe, key), recipe.max_seq_length)
     seed = recipe.seed if spec.seed is None else spec.seed
-    return in_semantics(recipe, load_examples(spec, seed, key, keep_repeats=recipe.study))
+    return in_semantics(recipe, load_examples(spec, seed, key, keep_repeats=recipe.follows_study("rows")))
 
 
 def in_semantics(recipe: Recipe, examples: List[Example]) -> List[Example]:
     """The examples (fresh objects) marked ``study_format`` under ``semantics: study``, so that they train on the
     study's training text (``formatting.encode_example``); unchanged under ``semantics: remix``."""
-    if recipe.study:
+    if recipe.follows_study("prompts"):
         for ex in examples:
             ex.study_format = True
     return examples
@@ -104,9 +104,9 @@ def fitting_examples(recipe: Recipe, key: str, tokenizer: Any, max_seq_length: i
     spec = recipe.datasets[key]
     seed = recipe.seed if spec.seed is None else spec.seed
     if _overlong(recipe, key) != "drop":
-        return in_semantics(recipe, load_examples(spec, seed, key, keep_repeats=recipe.study))
+        return in_semantics(recipe, load_examples(spec, seed, key, keep_repeats=recipe.follows_study("rows")))
     fits = _fits(recipe, tokenizer, max_seq_length)
-    examples, n_over, refilled = load_fitting_examples(spec, seed, key, fits, keep_repeats=recipe.study)
+    examples, n_over, refilled = load_fitting_examples(spec, seed, key, fits, keep_repeats=recipe.follows_study("rows"))
     what = describe(spec, key)
     if n_over and refilled:
         _log_once(logging.INFO, "%s: skipped %d examples longer than max_seq_length=%d (overlong: drop); "
@@ -124,7 +124,7 @@ def _fits(recipe: Recipe, tokenizer: Any, max_seq_length: int) -> Callable[[Exam
     """Whether an example's training encoding (the study's training text under ``semantics: study``) fits
     max_seq_length; lengths are cached per tokenizer."""
     lengths = _LENGTHS.setdefault(tokenizer, {})
-    study = recipe.study
+    study = recipe.follows_study("prompts")
 
     def fits(ex: Example) -> bool:
         if study and not ex.study_format:
@@ -184,12 +184,12 @@ def mixing_examples(recipe: Recipe, stage: StageSpec, n_data: int, stage_index: 
     seed = base + 7919 * stage_index
     # the study's draw: its only mixing shuffle is Python's random seeded with the run seed (src/train.py:102,
     # src/datasets.py:523), which random.Random(base) repeats; remix_ds draws per stage and per source
-    study_rng = base if recipe.study else None
+    study_rng = base if recipe.follows_study("pool") else None
     if mix.source == "random-words":
         if mix.path:
-            rng = study_rng if recipe.study else f"random-words-file-{seed}"
+            rng = study_rng if study_rng is not None else f"random-words-file-{seed}"
             # the study slices what its file holds; remix_ds refuses a file too short for the ratio
-            return in_semantics(recipe, random_file_examples(mix.path, n, rng, where, strict=not recipe.study))
+            return in_semantics(recipe, random_file_examples(mix.path, n, rng, where, strict=study_rng is None))
         return in_semantics(recipe, random_word_examples(n, seed, mix.prompt_words, mix.target_words))
     if mix.source in TEXT_SOURCES:
         if mix.prompt_words < 1 or mix.target_words < 1:
@@ -206,7 +206,7 @@ def mixing_examples(recipe: Recipe, stage: StageSpec, n_data: int, stage_index: 
 def stage_train_set(recipe: Recipe, stage: StageSpec, stage_index: int) -> Tuple[List[Example], List[Example]]:
     """(the stage's dataset D, D + mixing). Mixing is added after D is cut to size (``semantics: study`` with
     mixing: ``study_train_set``)."""
-    if recipe.study and stage.mix is not None:
+    if recipe.follows_study("pool") and stage.mix is not None:
         return study_train_set(recipe, stage, stage_index)
     data = dataset_examples(recipe, stage.data)
     return data, data + mixing_examples(recipe, stage, len(data), stage_index)
@@ -222,7 +222,7 @@ def dataset_pool(recipe: Recipe, key: str) -> List[Example]:
         return dataset_examples(recipe, key)
     spec = recipe.datasets[key]
     seed = recipe.seed if spec.seed is None else spec.seed
-    return in_semantics(recipe, load_pool(spec, seed, key, keep_repeats=recipe.study))
+    return in_semantics(recipe, load_pool(spec, seed, key, keep_repeats=recipe.follows_study("rows")))
 
 
 def study_train_set(recipe: Recipe, stage: StageSpec, stage_index: int) -> Tuple[List[Example], List[Example]]:
