@@ -41,6 +41,10 @@ def recipe_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--variant", "-v", action="append", default=None,
                    help="run only this variant (repeatable or comma-separated; a quoted pattern such as 'lora-r*' "
                         "selects every variant it matches, e.g. a whole sweep; default: all variants)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run every N-th variant from the I-th (I from 0; in a SLURM array "
+                        "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT): shards of one recipe run at once, each its own "
+                        "job, into one output_dir; gather the report after with --report-only")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage1.epochs=5 ds_config=zero3")
     return p
@@ -120,10 +124,13 @@ def pipeline_main(argv: Optional[List[str]] = None) -> None:
         from .pipeline import run_pipeline
         from .report import markdown_table
 
+        from .pipeline import shard_variants
+
         recipe = load_recipe(args.config, args.overrides)
         if args.dry_run:
             names = split_variants(args.variant, recipe)
-            print_plan(recipe, [recipe.variant(n) for n in names] if names else recipe.variants)
+            print_plan(recipe, shard_variants([recipe.variant(n) for n in names] if names else recipe.variants,
+                                              args.shard))
             return
         if args.report_only:
             from .pipeline import report_only
@@ -132,10 +139,11 @@ def pipeline_main(argv: Optional[List[str]] = None) -> None:
             print(f"\nreport: {os.path.join(recipe.output_dir, 'report.md')}")
             return
         dist.init()
-        report = run_pipeline(recipe, split_variants(args.variant, recipe))
-        if dist.is_main():
+        report = run_pipeline(recipe, split_variants(args.variant, recipe), shard=args.shard)
+        if dist.is_main() and report["variants"]:
             print(markdown_table(report))
-            print(f"\nreport: {os.path.join(recipe.output_dir, 'report.md')}")
+            print(f"\nreport: {os.path.join(recipe.output_dir, 'report.md')}" if not args.shard else
+                  f"\nshard {args.shard} done; gather the report of every shard with --report-only")
     main_guard(run)
 
 
@@ -153,7 +161,10 @@ def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
         if k > recipe.num_stages:
             from .errors import ConfigError
             raise ConfigError(f"the recipe has {recipe.num_stages} stages; there is no stage{k}")
+        from .pipeline import shard_variants
+
         variants = [recipe.variant(n) for n in split_variants(args.variant, recipe)] if args.variant else recipe.variants
+        variants = shard_variants(variants, args.shard)
         if args.dry_run:
             print_plan(recipe, variants, [k])
             return

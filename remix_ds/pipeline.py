@@ -301,11 +301,32 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
     return rows
 
 
-def run_pipeline(recipe: Recipe, variant_names: Optional[List[str]] = None, stages: Optional[List[int]] = None
-                 ) -> Dict[str, Any]:
+def shard_variants(variants: List[Variant], shard: Optional[str]) -> List[Variant]:
+    """The variants of shard ``"i/N"`` (i from 0: every N-th variant from the i-th, so that a sweep spreads over
+    the shards), or all of them. Shards of one recipe run at once, each as its own job, into one output_dir:
+    every variant writes only under ``<output_dir>/<variant>/``, and the report is gathered after
+    (``report_only``)."""
+    if not shard:
+        return variants
+    try:
+        i, n = (int(x) for x in str(shard).split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {shard!r}: expected I/N, e.g. 0/4 (I from 0 to N-1; in a SLURM array: "
+                          f"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {shard!r}: I must be in 0..N-1")
+    return variants[i::n]
+
+
+def run_pipeline(recipe: Recipe, variant_names: Optional[List[str]] = None, stages: Optional[List[int]] = None,
+                 shard: Optional[str] = None) -> Dict[str, Any]:
+    """Every stage of the variants (all, or those named; of one shard with ``shard``), evaluation after each, and
+    the report. A shard writes no report: shards of one recipe may finish at the same moment, and the report of
+    all of them is gathered with ``report_only`` once every shard is done."""
     from .report import write_report
 
     variants = [recipe.variant(n) for n in variant_names] if variant_names else recipe.variants
+    variants = shard_variants(variants, shard)
     check_recipe(recipe, variants)
     stages = stages or list(range(1, recipe.num_stages + 1))
     rows = {}
@@ -313,6 +334,13 @@ def run_pipeline(recipe: Recipe, variant_names: Optional[List[str]] = None, stag
         results = [run_stage(recipe, v, k) for k in stages]
         if stages == list(range(1, recipe.num_stages + 1)):
             rows[v.name] = variant_row(recipe, v, results)
+    if shard:
+        report = report_dict(recipe, list(rows.values()), dist.world_size())
+        if dist.is_main():
+            log.info("shard %s: %d variant(s) done (%s); once every shard is done, gather the report with "
+                     "--report-only", shard, len(variants), ", ".join(v.name for v in variants))
+        dist.barrier()
+        return report
     if rows and variant_names:
         # a run of some variants keeps the others' finished results in the report (in recipe order)
         for v in recipe.variants:

@@ -1,0 +1,49 @@
+"""Shards of one recipe run at once into one output directory (a SLURM array, one job per shard); the report
+gathered after them is the report of one sequential run."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, TINY_AB_HEADER, run_cli, write_recipe
+
+BODY = """eval: {{batch_size: 16, scorer: teacher-forced}}
+stage1: {{data: A, finetune: full, stop: fixed, epochs: 3, lr: 2.0e-3, global_batch_size: 8, track: false}}
+stage2: {{data: B, finetune: full, stop: fixed, epochs: 2, lr: 2.0e-3, global_batch_size: 8, track: false}}
+variants:
+  - name: full
+  - name: lora
+    stage1: {{finetune: lora, lr: 5.0e-3, lora: {{r: 4, alpha: 8}}}}
+    stage2: {{finetune: lora, lr: 5.0e-3, lora: {{r: 4, alpha: 8}}}}
+"""
+KEYS = ("acc_A_after_stage1", "acc_A_after_stage2", "acc_B_after_stage2", "forgetting", "epochs_stage1",
+        "epochs_stage2", "stopped_by_stage1", "finetune_stage1", "mix_stage1")
+
+
+def test_two_shards_at_once_into_one_output_dir_report_as_one_run(tmp_path, tiny_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", (TINY_AB_HEADER + BODY).format(name="shards", out=tmp_path / "sharded"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # shard 0/2 runs full, 1/2 runs lora
+    dry = run_cli([sys.executable, "launch/pipeline.py", "-c", str(recipe), "--shard", "1/2", "--dry-run"])
+    assert dry.returncode == 0 and "| lora | 1 |" in dry.stdout and "| full |" not in dry.stdout, dry.stdout
+    shards = [subprocess.Popen([sys.executable, "launch/pipeline.py", "-c", str(recipe), "--shard", f"{i}/2"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for i in range(2)]
+    for p in shards:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+        assert "gather the report" in out
+    assert not (tmp_path / "sharded" / "report.json").exists()   # no shard writes the shared report
+    gathered = run_cli([sys.executable, "launch/pipeline.py", "-c", str(recipe), "--report-only"])
+    assert gathered.returncode == 0, gathered.stderr[-3000:]
+    sequential = run_cli([sys.executable, "launch/pipeline.py", "-c", str(recipe), f"output_dir={tmp_path / 'seq'}"],
+                         timeout=900)
+    assert sequential.returncode == 0, sequential.stderr[-3000:]
+    rows = {}
+    for run in ("sharded", "seq"):
+        report = json.load(open(tmp_path / run / "report.json"))
+        rows[run] = [{k: r.get(k) for k in KEYS} for r in report["variants"]]
+    assert [r["finetune_stage1"] for r in rows["seq"]] == ["full", "lora(r=4)"]
+    assert rows["sharded"] == rows["seq"]
+    bad = run_cli([sys.executable, "launch/pipeline.py", "-c", str(recipe), "--shard", "2/2", "--dry-run"])
+    assert bad.returncode == 2 and "I must be in 0..N-1" in bad.stderr
