@@ -305,3 +305,35 @@ def test_dry_run_plan_checks_a_checkpoint_as_the_run_would(tmp_path):
     (ckpt / "COMPLETE.json").write_text(json.dumps({**marker, "world_size": 4}))
     row = plan(r, [v], [1])[0]
     assert row["action"] == "resume" and "written with world_size 4" in row["why"], row
+
+
+@pytest.mark.parametrize("where, key, value, guess", [
+    ("stage1", "epoch", 3, "'epochs'"),
+    ("stage1", "learning_rate", 1e-3, "'lr'"),
+    ("stage1", "rank", 8, "'lora.r'"),
+    ("lora", "rank", 8, "'r'"),
+    ("top", "global_batch_size", 16, "'stage1.global_batch_size'"),
+    ("top", "seeds", 1, "'seed'"),
+])
+def test_unknown_recipe_keys_get_a_did_you_mean(tmp_path, where, key, value, guess):
+    d = base_dict(tmp_path)
+    if where == "top":
+        d[key] = value
+    elif where == "lora":
+        d["stage1"]["lora"] = {key: value}
+    else:
+        d[where][key] = value
+    with pytest.raises(ConfigError, match=f"unknown key '{key}' \\(did you mean {guess}"):
+        recipe_from_dict(d)
+
+
+def test_a_flow_style_sweep_key_with_a_comma_gets_a_hint_to_quote_it(tmp_path):
+    text = BASE.format(out=tmp_path / "run").replace(
+        "  - name: v\n", "  - name: v\n    sweep: {stage1.lora.r,stage2.lora.r: [8, 16]}\n")
+    path = write_recipe(tmp_path / "r.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(path)
+    assert "quote" in str(e.value) and '"stage1.lora.r,stage2.lora.r"' in str(e.value)
+    quoted = text.replace("{stage1.lora.r,stage2.lora.r:", '{"stage1.lora.r,stage2.lora.r":')
+    r = load_recipe(write_recipe(tmp_path / "q.yaml", quoted))
+    assert [v.name for v in r.variants] == ["v-r8", "v-r16"]
