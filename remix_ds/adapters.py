@@ -43,6 +43,22 @@ def local_model_dir(path: str) -> str:
                           f"download it and give its local path") from None
 
 
+def pattern_value(pattern: Dict[str, float], module: str, default: float) -> float:
+    """A module's rank or alpha under a PEFT ``rank_pattern`` / ``alpha_pattern``, by PEFT's own rule
+    (``peft.utils.other.get_pattern_key``, as LoraModel._create_and_replace applies it): the first key, in the
+    config's order, that matches the end of the module's path as a regex after a dot or at its start (a bare
+    name ``q_proj``, a dotted suffix ``self_attn.q_proj``, the full path ``model.layers.0.self_attn.q_proj`` or a
+    regex ``.*layers\\.0\\..*q_proj``). ``module`` is the path in the base model (no ``base_model.model.``)."""
+    if not pattern:
+        return default
+    key = module
+    for pat in pattern:
+        if re.match(rf"(.*\.)?({pat})$", module):
+            key = pat
+            break
+    return pattern.get(key, default)
+
+
 def _adapter_tensors(adapter_dir: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]]:
     if not is_adapter_dir(adapter_dir):
         raise ConfigError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
@@ -61,11 +77,10 @@ def _adapter_tensors(adapter_dir: str) -> Tuple[dict, Dict[str, Tuple[torch.Tens
                 raise ConfigError(f"{adapter_dir}: unsupported adapter tensor {key!r} (only LoRA A/B are merged)")
             continue
         b = sd[key.replace(".lora_A.", ".lora_B.")]
-        module = key.split(".lora_A.")[0]
-        base_key = re.sub(r"^base_model\.model\.", "", module) + ".weight"
-        short = module.split(".")[-1]
-        rr = cfg.get("rank_pattern", {}).get(short, r)
-        aa = cfg.get("alpha_pattern", {}).get(short, alpha)
+        module = re.sub(r"^base_model\.model\.", "", key.split(".lora_A.")[0])   # the path in the base model
+        base_key = module + ".weight"
+        rr, aa = pattern_value(cfg.get("rank_pattern") or {}, module, r), \
+            pattern_value(cfg.get("alpha_pattern") or {}, module, alpha)
         scale = aa / (rr ** 0.5) if cfg.get("use_rslora") else aa / rr
         pairs[base_key] = (a, b, scale)
     if not pairs:
