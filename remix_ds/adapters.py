@@ -97,6 +97,16 @@ def nf4_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     return bnbf.dequantize_4bit(q, state, quant_type="nf4").to("cpu", w.dtype)
 
 
+def normal_permissions(directory: str) -> None:
+    """Files as the user's umask makes them (0644 under the usual 022): safetensors writes 0600 files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~mask)
+
+
 def _shards(base_dir: str):
     index = os.path.join(base_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -175,36 +185,6 @@ def streaming_merge(base_dir: str, adapter_dir, out_dir: str, dtype: Optional[to
             cfg.pop("quantization_config", None)
             json.dump(cfg, open(cfg_path, "w"), indent=2)
 
-    atomic_save(out_dir, write)
+    atomic_save(out_dir, lambda tmp: (write(tmp), normal_permissions(tmp)))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
     return {"merged": merged, "shards": len(files), "peak_rss_gib": round(peak, 3)}
-
-
-def merge_main(argv=None) -> None:
-    import argparse
-    import time
-
-    from .cli import main_guard, setup_logging
-
-    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base on CPU, shard by shard, and write "
-                                            "a safetensors Hugging Face directory.")
-    p.add_argument("base", help="base model directory (safetensors)")
-    p.add_argument("adapter", help="PEFT LoRA adapter directory")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="output dtype (default: base's)")
-    p.add_argument("--nf4", action="store_true", help="the adapter is a QLoRA adapter: merge into the NF4-"
-                                                      "dequantised base weights it was trained against")
-    p.add_argument("--nf4-dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="with --nf4: the dtype the base was loaded in for QLoRA training (the recipe's precision; "
-                        "bitsandbytes quantised that cast; default: the base file's dtype)")
-    args = p.parse_args(argv)
-
-    def run():
-        setup_logging()
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-        dtype = dtypes.get(args.dtype or "")
-        t0 = time.time()
-        stats = streaming_merge(args.base, args.adapter, args.out, dtype=dtype, nf4=args.nf4,
-                                nf4_dtype=dtypes.get(args.nf4_dtype or ""))
-        print(json.dumps({**stats, "seconds": round(time.time() - t0, 2), "out": args.out}))
-    main_guard(run)

@@ -285,7 +285,7 @@ def analyze_main(argv: Optional[List[str]] = None) -> None:
 
     p: argparse.ArgumentParser = recipe_parser(
         "Logit lens of every variant's stage models on D_A: per layer, the share of factoids whose first "
-        "answer token is top-1 and its mean rank; writes logit_lens.{json,md,png}.")
+        "answer token is top-1 and its mean rank; writes logit_lens.{json,md,png}.", "analyze")
     p.add_argument("--stage", "-s", type=int, action="append", default=None,
                    help="analyse only this stage's models (repeatable; default: every stage)")
     p.add_argument("--dataset", default=None, help="dataset to probe (default: each variant's stage-1 data, D_A)")

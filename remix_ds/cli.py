@@ -9,6 +9,7 @@ import warnings
 from typing import List, Optional
 
 from .errors import RemixError
+from .helptext import decorate
 
 
 def setup_logging() -> None:
@@ -35,8 +36,10 @@ def setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def recipe_parser(description: str) -> argparse.ArgumentParser:
+def recipe_parser(description: str, command: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
+    if command:
+        decorate(p, command)
     p.add_argument("--config", "-c", default=None, help="recipe YAML (default: the bundled demo recipe)")
     p.add_argument("--variant", "-v", action="append", default=None,
                    help="run only this variant (repeatable or comma-separated; a quoted pattern such as 'lora-r*' "
@@ -108,10 +111,16 @@ def print_plan(recipe, variants, stages=None) -> None:
         print(f"| {r['variant']} | {r['stage']} | {r['action']} | {r['why']} | {r['evaluation']} |")
 
 
-def pipeline_main(argv: Optional[List[str]] = None) -> None:
-    args = add_dry_run(recipe_parser("Run every stage of every variant of a recipe, evaluate, and write the "
-                                     "forgetting report. With no --config, runs the bundled demo."),
-                       report_only=True).parse_intermixed_args(argv)
+def pipeline_main(argv: Optional[List[str]] = None, report: bool = False) -> None:
+    if report:
+        p = recipe_parser("Rewrite a recipe's forgetting report from the finished, current results of its variants "
+                          "(all, or --variant): nothing is trained or scored.", "report")
+        args = p.parse_intermixed_args(argv)
+        args.dry_run, args.report_only = False, True
+    else:
+        args = add_dry_run(recipe_parser("Run every stage of every variant of a recipe, evaluate, and write the "
+                                         "forgetting report. With no --config, runs the bundled demo.", "train"),
+                           report_only=True).parse_intermixed_args(argv)
 
     def run():
         setup_logging()
@@ -140,7 +149,7 @@ def pipeline_main(argv: Optional[List[str]] = None) -> None:
 
 
 def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
-    args = add_dry_run(recipe_parser(f"Train (and evaluate) stage {k} of each variant of a recipe.")
+    args = add_dry_run(recipe_parser(f"Train (and evaluate) stage {k} of each variant of a recipe.", "stage")
                        ).parse_intermixed_args(argv)
 
     def run():
@@ -171,6 +180,7 @@ def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
 def eval_main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description="Accuracy of a model (full directory, or an adapter directory on its "
                                             "base) on a factoid set: greedy generation (default) or teacher-forced.")
+    decorate(p, "eval")
     p.add_argument("--model", required=True, help="model directory, a PEFT adapter directory, or a stage directory "
                                                   "(<output_dir>/<variant>/stage<k>: the model its evaluation scores)")
     p.add_argument("--base", default=None, help="base model for an adapter (default: the adapter's own record)")
@@ -253,7 +263,8 @@ def stage_dir_model(path: str):
 
 
 def build_tiny_main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Build the tiny pretrained Llama + tokenizer as a HF directory.")
+    p = decorate(argparse.ArgumentParser(description="Build the tiny pretrained Llama + tokenizer as a HF "
+                                                     "directory."), "build-tiny")
     p.add_argument("out", nargs="?", default=None, help="output directory (default: the cache)")
     args = p.parse_args(argv)
 
@@ -262,3 +273,104 @@ def build_tiny_main(argv: Optional[List[str]] = None) -> None:
         from .tiny import build_tiny
         print(build_tiny(out_dir=args.out))
     main_guard(run)
+
+
+def merge_main(argv: Optional[List[str]] = None) -> None:
+    p = decorate(argparse.ArgumentParser(
+        description="Merge a LoRA adapter (or a stack of them) into its base on CPU, shard by shard, and write a "
+                    "safetensors Hugging Face directory."), "merge")
+    p.add_argument("paths", nargs="+", metavar="[BASE] ADAPTER OUT",
+                   help="ADAPTER: a PEFT LoRA adapter directory or a remix_ds stage directory "
+                        "(<output_dir>/<variant>/stage<k>); BASE (optional): the base model directory (default: "
+                        "the adapter's adapter_config.json base_model_name_or_path, or the stage's own input); "
+                        "OUT: the output directory")
+    p.add_argument("--base", default=None, help="the base model directory (same as the optional first path)")
+    p.add_argument("--force", "-f", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="output dtype (default: base's)")
+    p.add_argument("--nf4", action="store_true", help="the adapter is a QLoRA adapter: merge into the NF4-"
+                                                      "dequantised base weights it was trained against (a QLoRA "
+                                                      "stage directory sets this itself)")
+    p.add_argument("--nf4-dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="with --nf4: the dtype the base was loaded in for QLoRA training (the recipe's precision; "
+                        "bitsandbytes quantised that cast; default: the stage's recorded precision, else the base "
+                        "file's dtype)")
+    args = p.parse_args(argv)
+    if len(args.paths) not in (2, 3):
+        p.error("give ADAPTER OUT, or BASE ADAPTER OUT")
+    if len(args.paths) == 3 and args.base:
+        p.error("give the base either as the first path or as --base, not both")
+
+    def run():
+        setup_logging()
+        import json
+        import time
+
+        import torch
+
+        from .adapters import local_model_dir, streaming_merge
+        from .errors import ConfigError
+
+        base, adapter, out = args.paths if len(args.paths) == 3 else (args.base, *args.paths)
+        check_output_dir(out, "OUT", args.force)
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        nf4, nf4_dtype = args.nf4, args.nf4_dtype
+        stage = stage_dir_model(adapter)
+        if stage is not None:
+            stage_base, adapters = stage
+            if not adapters:
+                raise ConfigError(f"{adapter}: this stage's model is a full model already ({stage_base}); there is "
+                                  f"no adapter to merge")
+            with open(os.path.join(adapter, "config.json")) as f:
+                cfg = json.load(f)
+            if cfg["spec"]["finetune"] == "qlora":
+                nf4 = True
+                nf4_dtype = nf4_dtype or cfg.get("precision")
+        else:
+            adapters = [adapter]
+            stage_base = None
+        if base is None:
+            base = stage_base or adapter_base(adapters[0])
+        base = local_model_dir(base)
+        t0 = time.time()
+        stats = streaming_merge(base, adapters, out, dtype=dtypes.get(args.dtype or ""), nf4=nf4,
+                                nf4_dtype=dtypes.get(nf4_dtype or ""))
+        print(json.dumps({**stats, "seconds": round(time.time() - t0, 2), "base": base, "out": out}))
+    main_guard(run)
+
+
+def adapter_base(adapter_dir: str) -> str:
+    """The base model a PEFT adapter records (adapter_config.json base_model_name_or_path)."""
+    import json
+
+    from .errors import ConfigError
+
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("base_model_name_or_path")
+    except ValueError as e:
+        raise ConfigError(f"{path}: malformed JSON ({e})") from None
+    if not recorded:
+        raise ConfigError(f"{path} records no base_model_name_or_path: give the base model (BASE ADAPTER OUT)")
+    return recorded
+
+
+def check_output_dir(path: str, what: str, force: bool = False) -> None:
+    """An output directory that can be written: refused when it is a file, exists (without force), or its
+    parent cannot be created."""
+    from .errors import ConfigError
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} is a file, not a directory: give a directory path")
+    if os.path.isdir(path) and os.listdir(path) and not force:
+        raise ConfigError(f"{what} {path!r} exists and is not empty: give another path, or --force to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    node = parent
+    while not os.path.exists(node):
+        node = os.path.dirname(node)
+    if not os.path.isdir(node):
+        raise ConfigError(f"{what} {path!r}: {node} is a file, not a directory")
+
+
