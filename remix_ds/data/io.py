@@ -8,6 +8,8 @@ A local dataset ``path`` may be:
   by ``split``, ``a+b`` concatenates);
 - a directory of such files: with a ``<split>/`` sub-directory (EntityQuestions' ``dataset/train/P17.train.json``
   layout) that sub-directory is read, otherwise every data file below the directory, in sorted path order;
+  where the files' names carry their splits (``P19.train.json`` beside ``P19.dev.json``), only the split's
+  files are read (a folder of several splits whose files do not all name theirs is refused);
 - a glob pattern (``data/*.jsonl``).
 
 Rows come back as ``(origin, row, record)``: the file (or directory and split) and the 1-based row number
@@ -110,7 +112,48 @@ def data_files(path: str, split: Optional[str] = None, exclude: Sequence[str] = 
     if not files:
         raise DataError(f"{path}: no .json, .jsonl or .parquet files in this directory"
                         + (f" (looked in {root})" if root != path else ""))
-    return files
+    return select_split_files(files, root, split)
+
+
+# split names a file name may carry: P19.train.json, P19.dev.json, train.jsonl, test-00000-of-00001.parquet
+SPLIT_NAMES = ("train", "dev", "test", "validation", "valid", "val", "eval")
+
+
+def file_split(path: str) -> Optional[str]:
+    """The split a data file's name names (``P19.dev.json`` -> dev, ``train.jsonl`` -> train), or None."""
+    name = os.path.basename(path)
+    for ext in DATA_EXTS:
+        if name.endswith(ext):
+            name = name[:-len(ext)]
+    parts = name.split(".")
+    for token in (parts[-1], parts[0].split("-")[0]) if len(parts) > 1 else (parts[0].split("-")[0],):
+        if token.lower() in SPLIT_NAMES:
+            return token.lower()
+    return None
+
+
+def select_split_files(files: List[str], root: str, split: Optional[str]) -> List[str]:
+    """The files of ``split`` when the files name their splits (``P19.train.json`` beside ``P19.dev.json``):
+    a folder holding several splits side by side is never read as all of them at once. A folder whose files
+    name one split (or none) is read whole, as before; one where the split of some files cannot be told
+    beside files of several splits is refused."""
+    splits = {f: file_split(f) for f in files}
+    named = sorted({s for s in splits.values() if s})
+    if len(named) < 2:
+        return files
+    unnamed = [f for f, s in splits.items() if s is None]
+    if unnamed:
+        raise DataError(f"{root}: files of several splits ({', '.join(named)}) side by side with files whose split "
+                        f"cannot be told from their name (e.g. {os.path.relpath(unnamed[0], root)}): put each "
+                        f"split's files in a folder of its own (train/, dev/, test/) or name them NAME.SPLIT.json")
+    if not split:
+        raise DataError(f"{root}: holds files of several splits ({', '.join(named)}): choose one with split:")
+    want = [p.strip().lower() for p in split.split("+")]
+    missing = [p for p in want if p not in named]
+    if missing:
+        raise DataError(f"{root}: no {missing[0]!r} files (the file names name the splits {', '.join(named)}); "
+                        f"choose one with split:")
+    return [f for f in files if splits[f] in want]
 
 
 def _saved_dataset_rows(path: str, split: Optional[str], default_split: Optional[str]) -> Iterator[Row]:
