@@ -545,7 +545,22 @@ def expand_sweeps(variants_raw: List[Any], where: str) -> List[Any]:
     return out
 
 
+def check_output_dir(path: str, where: str) -> None:
+    """output_dir (or a folder above it) must not be an existing file: refused before anything is loaded."""
+    node = path
+    while node and not os.path.exists(node):
+        parent = os.path.dirname(node)
+        if parent == node:
+            return
+        node = parent
+    if node and not os.path.isdir(node):
+        what = "is a file" if node == path else f"lies below {node}, which is a file"
+        raise ConfigError(f"{where}: output_dir {path} {what}, not a directory: give a directory path "
+                          f"(output_dir: DIR or output_dir=DIR on the command line)")
+
+
 def validate(recipe: Recipe, where: str) -> None:
+    check_output_dir(recipe.output_dir, where)
     if recipe.semantics not in SEMANTICS:
         raise ConfigError(f"{where}: semantics must be one of {', '.join(SEMANTICS)}, got {recipe.semantics!r}")
     if recipe.precision not in PRECISIONS:

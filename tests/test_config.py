@@ -337,3 +337,39 @@ def test_a_flow_style_sweep_key_with_a_comma_gets_a_hint_to_quote_it(tmp_path):
     quoted = text.replace("{stage1.lora.r,stage2.lora.r:", '{"stage1.lora.r,stage2.lora.r":')
     r = load_recipe(write_recipe(tmp_path / "q.yaml", quoted))
     assert [v.name for v in r.variants] == ["v-r8", "v-r16"]
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_an_output_dir_that_is_a_file_is_refused_before_anything_runs(tmp_path, below):
+    f = tmp_path / "runfile"
+    f.write_text("not a directory")
+    out = f / "sub" if below else f
+    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(out=out))
+    res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe)], timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "output_dir" in res.stderr and "is a file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_empty_data_file_is_named_before_any_model_loads(tmp_path):
+    empty = tmp_path / "facts.jsonl"
+    empty.write_text("")
+    text = BASE.format(out=tmp_path / "run").replace("A: {source: kvr, num_examples: 10}",
+                                                     f"A: {{source: json, path: {empty}, num_examples: 10}}")
+    recipe = write_recipe(tmp_path / "r.yaml", text)
+    res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe), "--dry-run"], timeout=300)
+    assert res.returncode == 2 and f"{empty}: the file is empty" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name, content, where", [
+    ("bad.jsonl", '{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": }\n', "bad.jsonl:2: .* column 27"),
+    ("trail.json", '[{"prompt": "a", "answer": "b"},\n {"prompt": "c", "answer": "d"},\n]\n',
+     "trail.json:2: .*trailing comma.* line 2 column 32"),
+    ("lines.json", '{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n', "rename it to lines.jsonl"),
+])
+def test_malformed_json_names_the_real_line_and_column(tmp_path, name, content, where):
+    from remix_ds.data.io import read_records
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=where):
+        read_records(str(path))

@@ -32,34 +32,82 @@ def read_records(path: str) -> List[Dict[str, Any]]:
     """Records from a .json (a list, or {"data": [...]}) or .jsonl file."""
     if not os.path.exists(path):
         raise DataError(f"dataset file not found: {path}")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a directory where a data file was expected")
+    if path.endswith((".jsonl", ".json")) and os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes): no records to read")
     if path.endswith(".jsonl"):
         records = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                    raise DataError(f"{path}:{lineno}: malformed JSON line: {json_fault(line, e, False)}") from None
                 if not isinstance(rec, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
                 records.append(rec)
+        if not records:
+            raise DataError(f"{path}: the file holds only blank lines: no records to read")
         return records
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+        if not text.strip():
+            raise DataError(f"{path}: the file holds only whitespace: no records to read")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data" and _is_json_lines(text):
+                raise DataError(f"{path}: holds one JSON object per line (JSON Lines), not one JSON document: "
+                                f"rename it to {os.path.splitext(os.path.basename(path))[0]}.jsonl") from None
+            line, col = _fault_position(text, e)
+            raise DataError(f"{path}:{line}: malformed JSON: {json_fault(text, e)}") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise DataError(f"{path}: expected a list of JSON objects")
+        if not data:
+            raise DataError(f"{path}: the file holds an empty list: no records to read")
         return data
     if path.endswith(".parquet"):
         return read_parquet(path)
     raise DataError(f"{path}: unsupported file type (use .json, .jsonl, .parquet or a save_to_disk directory)")
+
+
+def _is_json_lines(text: str) -> bool:
+    try:
+        return all(isinstance(json.loads(line), dict) for line in text.splitlines() if line.strip())
+    except json.JSONDecodeError:
+        return False
+
+
+def _fault_position(text: str, e: json.JSONDecodeError) -> Tuple[int, int]:
+    """Where the fault is: the decoder's position, or, when it stopped at what follows a trailing comma or
+    at the start of a line after one (``[{...},\n]``), the comma itself."""
+    pos = e.pos
+    if e.msg.startswith(("Expecting value", "Expecting property name")):
+        back = pos - 1
+        while back >= 0 and text[back] in " \t\r\n":
+            back -= 1
+        if back >= 0 and text[back] == "," and pos < len(text) and text[pos] in "]}":
+            pos = back
+    line = text.count("\n", 0, pos) + 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return line, col
+
+
+def json_fault(text: str, e: json.JSONDecodeError, with_line: bool = True) -> str:
+    """The decoder's complaint at the fault's line and column, with the text there and a caret under it."""
+    line, col = _fault_position(text, e)
+    what = "trailing comma (nothing follows it)" if _fault_position(text, e) != (e.lineno, e.colno) else e.msg
+    src = text.splitlines()[line - 1] if text.splitlines() else ""
+    start = max(0, col - 40)
+    snippet = src[start:col + 30]
+    at = f"line {line} column {col}" if with_line else f"column {col}"
+    return f"{what} at {at}:\n    {snippet}\n    {' ' * (col - 1 - start)}^"
 
 
 def read_parquet(path: str) -> List[Dict[str, Any]]:
