@@ -35,6 +35,8 @@ def local_model_dir(path: str) -> str:
     """A local directory for a model: the path itself, or the hub cache's snapshot of a hub id."""
     if os.path.isdir(path):
         return path
+    from .data.hub import check_hub_model
+    check_hub_model(path)
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])

@@ -373,3 +373,36 @@ def test_malformed_json_names_the_real_line_and_column(tmp_path, name, content, 
     path.write_text(content)
     with pytest.raises(DataError, match=where):
         read_records(str(path))
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_an_unreachable_hub_model_fails_with_one_message_and_exit_2(tmp_path, dry_run):
+    """No network here (as on an offline cluster node): a hub id not in the cache is one clear error, quickly."""
+    import time
+
+    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run").replace(
+        "model: tiny", "model: remix-ds-tests/no-such-model"))
+    t0 = time.time()
+    res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe)] + (["--dry-run"] if dry_run else []),
+                  timeout=300, env={"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "model 'remix-ds-tests/no-such-model'" in res.stderr and "Traceback" not in res.stderr
+    assert "hub is unreachable" in res.stderr and time.time() - t0 < 120
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").rglob("*.safetensors"))
+
+
+def test_a_cached_hub_model_passes_the_check_offline(tmp_path, monkeypatch):
+    from remix_ds.data.hub import check_hub_model
+
+    snap = tmp_path / "hf" / "hub" / "models--org--m" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "hf" / "hub" / "models--org--m" / "refs").mkdir()
+    (tmp_path / "hf" / "hub" / "models--org--m" / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    check_hub_model("org/m")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        check_hub_model("org/other")
