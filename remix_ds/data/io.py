@@ -69,8 +69,6 @@ def read_records(path: str) -> List[Dict[str, Any]]:
             data = data["data"]
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise DataError(f"{path}: expected a list of JSON objects")
-        if not data:
-            raise DataError(f"{path}: the file holds an empty list: no records to read")
         return data
     if path.endswith(".parquet"):
         return read_parquet(path)
