@@ -131,3 +131,14 @@ def test_merge_accepts_a_stage_directory_with_its_adapter_stack(tiny_dir, tmp_pa
     res = run_cli([sys.executable, "-m", "remix_ds", "merge", str(stage), str(tmp_path / "m")], timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     _assert_weights(tmp_path / "m", _peft_merged(tiny_dir, [first, str(stage / "adapter")]))
+
+
+def test_readme_documents_the_remix_ds_command_and_the_first_run():
+    text = (REPO / "README.md").read_text()
+    from remix_ds.console import COMMANDS as known
+    used = set(re.findall(r"remix-ds ([a-z][a-z-]*)", text))
+    assert set(COMMANDS) <= used, set(COMMANDS) - used
+    assert used <= set(known), used - set(known)
+    first_screen = "\n".join(text.splitlines()[:45])
+    assert "remix-ds train" in first_screen and "first run" in first_screen.lower()
+    assert re.search(r"about a minute", first_screen) and "runs/demo/report.md" in first_screen
