@@ -207,7 +207,7 @@ def test_command_line_stage_override_wins_over_a_variants_own_value():
         load_recipe(DEMO_RECIPE, ["variants.qlora.stage2.epochs=9"])
 
 
-def test_model_paths_that_are_not_models_are_refused_with_what_to_do(tmp_path):
+def test_model_paths_that_are_not_models_are_refused_with_what_to_do(tmp_path, monkeypatch):
     import json as _json
 
     from remix_ds.pipeline import check_model_dir
@@ -222,7 +222,11 @@ def test_model_paths_that_are_not_models_are_refused_with_what_to_do(tmp_path):
     model.mkdir()
     (model / "config.json").write_text(_json.dumps({"model_type": "llama"}))
     check_model_dir(str(model), "model")                                  # a model: fine
-    check_model_dir("meta-llama/Meta-Llama-3-8B", "model")                # a hub id: left to the hub
+    import huggingface_hub.constants as hf_constants
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="Meta-Llama-3-8B'.*not in the local hub cache"):
+        check_model_dir("meta-llama/Meta-Llama-3-8B", "model")            # a hub id: cached, or reachable now
     check_model_dir(str(adapter), "--model", adapter_ok=True)            # eval takes adapters
     for path, needle in [(stage, "is a remix_ds stage directory: give the model in it"),
                          (adapter, "is a PEFT adapter, not a model"),
@@ -362,6 +366,7 @@ def test_an_empty_data_file_is_named_before_any_model_loads(tmp_path):
 
 @pytest.mark.parametrize("name, content, where", [
     ("bad.jsonl", '{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": }\n', "bad.jsonl:2: .* column 27"),
+    ("end.jsonl", '{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": \n', "end.jsonl:2: .* column 27"),
     ("trail.json", '[{"prompt": "a", "answer": "b"},\n {"prompt": "c", "answer": "d"},\n]\n',
      "trail.json:2: .*trailing comma.* line 2 column 32"),
     ("lines.json", '{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n', "rename it to lines.jsonl"),

@@ -44,8 +44,15 @@ def read_records(path: str) -> List[Dict[str, Any]]:
                     continue
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON line: {json_fault(line, e, False)}") from None
+                except json.JSONDecodeError:
+                    # decoded again without the line break, so that a value missing at the end of the line is
+                    # reported there, not at "line 2 column 1" of the line
+                    text = line.rstrip("\r\n")
+                    try:
+                        json.loads(text)
+                        raise DataError(f"{path}:{lineno}: malformed JSON line") from None
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: malformed JSON line: {json_fault(text, e, False)}") from None
                 if not isinstance(rec, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
                 records.append(rec)
@@ -101,7 +108,8 @@ def json_fault(text: str, e: json.JSONDecodeError, with_line: bool = True) -> st
     """The decoder's complaint at the fault's line and column, with the text there and a caret under it."""
     line, col = _fault_position(text, e)
     what = "trailing comma (nothing follows it)" if _fault_position(text, e) != (e.lineno, e.colno) else e.msg
-    src = text.splitlines()[line - 1] if text.splitlines() else ""
+    lines = text.splitlines()
+    src = lines[line - 1] if line <= len(lines) else ""
     start = max(0, col - 40)
     snippet = src[start:col + 30]
     at = f"line {line} column {col}" if with_line else f"column {col}"
