@@ -1190,7 +1190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from . import dist
-    from .cli import setup_logging
+    from .runlog import setup_logging
 
     args = build_parser().parse_args(argv)
     if args.summarize:

@@ -2,69 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
-import warnings
 from typing import List, Optional
 
-from .errors import RemixError
 from .helptext import decorate
-
-
-def setup_logging() -> None:
-    from . import dist
-
-    quiet_cpu_accelerator()
-    level = logging.INFO if dist.rank() == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"[%(asctime)s rank{dist.rank()}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "accelerate", "httpx", "filelock",
-                  "absl", "matplotlib", "PIL", "urllib3", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if dist.rank() == 0 else logging.ERROR)
-    # bitsandbytes warns at import (peft imports it on every run) that the kernels hub's CPU 4-bit kernel is not
-    # trusted: a plain LoRA or full stage never uses it, and QLoRA falls back to bitsandbytes' own CPU kernel
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("kernels").setLevel(logging.ERROR)
-    try:
-        from deepspeed.utils import logger as ds_logger
-        ds_logger.setLevel(logging.WARNING)
-        ds_logger.addFilter(_DropDeepSpeedChatter())
-    except Exception:
-        pass
-    try:
-        import transformers
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:
-        pass
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def quiet_cpu_accelerator() -> None:
-    """On a machine without any accelerator, name DeepSpeed's CPU accelerator up front (DS_ACCELERATOR=cpu):
-    DeepSpeed would detect the same, with a warning at import on every rank of every run."""
-    import importlib.util
-
-    import torch
-
-    if "DS_ACCELERATOR" in os.environ or torch.cuda.is_available():
-        return
-    others = ("intel_extension_for_pytorch", "torch_npu", "habana_frameworks", "torch_sdaa", "torch_mlu")
-    if any(importlib.util.find_spec(m) is not None for m in others) or \
-            (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        return
-    os.environ["DS_ACCELERATOR"] = "cpu"
-
-
-class _DropDeepSpeedChatter(logging.Filter):
-    """DeepSpeed's warnings that say nothing a user must act on (a CPU machine runs on the CPU accelerator)."""
-    DROP = ("Setting accelerator to CPU",)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(self.DROP)
+from .runlog import main_guard, quiet_cpu_accelerator, setup_logging  # noqa: F401  (the commands' shared set-up)
 
 
 def recipe_parser(description: str, command: Optional[str] = None) -> argparse.ArgumentParser:
@@ -78,19 +20,6 @@ def recipe_parser(description: str, command: Optional[str] = None) -> argparse.A
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage1.epochs=5 ds_config=zero3")
     return p
-
-
-def main_guard(fn) -> None:
-    """Run fn(); print RemixError messages without a traceback and exit non-zero."""
-    try:
-        fn()
-        from . import dist
-        dist.shutdown()
-    except RemixError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 def split_variants(values: Optional[List[str]], recipe=None) -> Optional[List[str]]:
@@ -405,3 +334,32 @@ def check_output_dir(path: str, what: str, force: bool = False) -> None:
         raise ConfigError(f"{what} {path!r}: {node} is a file, not a directory")
 
 
+def analyze_main(argv: Optional[List[str]] = None) -> None:
+    p = recipe_parser(
+        "Logit lens of every variant's stage models on D_A: per layer, the share of factoids whose first "
+        "answer token is top-1 and its mean rank; writes logit_lens.{json,md,png}.", "analyze")
+    p.add_argument("--stage", "-s", type=int, action="append", default=None,
+                   help="analyse only this stage's models (repeatable; default: every stage)")
+    p.add_argument("--dataset", default=None, help="dataset to probe (default: each variant's stage-1 data, D_A)")
+    p.add_argument("--adapter", action="store_true",
+                   help="load base + adapter where a stage has adapter/ (default: the merged model)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's eval.batch_size")
+    p.add_argument("--max-examples", type=int, default=None, help="probe only the first N examples")
+    p.add_argument("--out", default=None, help="output directory (default: <output_dir>/analysis)")
+    args = p.parse_intermixed_args(argv)
+
+    def run():
+        setup_logging()
+        from . import dist
+        from .analysis import analyze, markdown
+        from .config import load_recipe
+
+        recipe = load_recipe(args.config, args.overrides)
+        dist.init()
+        res = analyze(recipe, split_variants(args.variant, recipe), args.stage, dataset=args.dataset,
+                      adapter=args.adapter, batch_size=args.batch_size or recipe.eval.batch_size,
+                      max_examples=args.max_examples, out_dir=args.out)
+        if dist.is_main():
+            print(markdown(res))
+            print(f"written to {args.out or os.path.join(recipe.output_dir, 'analysis')}")
+    main_guard(run)

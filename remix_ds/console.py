@@ -72,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         from .cli import merge_main
         merge_main(rest)
     elif command == "analyze":
-        from .analysis import analyze_main
+        from .cli import analyze_main
         analyze_main(rest)
     elif command == "filter-unknown":
         from .filter_unknown import main as filter_main

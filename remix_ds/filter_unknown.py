@@ -351,7 +351,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         p.error(f"--shots must be >= 0, got {args.shots}")
     if args.model is None and not args.config:
         p.error("give --model (or --config RECIPE, whose model is the default)")
-    from .cli import main_guard, setup_logging
+    from .runlog import main_guard, setup_logging
 
     def run():
         setup_logging()
