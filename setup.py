@@ -1,8 +1,12 @@
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open("remix_ds/__init__.py").read()).group(1)
 
 setup(
     name="remix_ds",
-    version="0.1.0",
+    version=VERSION,
     description="Continual memorization of factoids (REMIX) on DeepSpeed: ZeRO-2/3, full or LoRA/QLoRA per stage",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
@@ -29,5 +33,6 @@ setup(
         "rouge-score>=0.1.2",
         "matplotlib>=3.7",
     ],
+    entry_points={"console_scripts": ["remix-ds = remix_ds.console:main"]},
     extras_require={"test": ["pytest>=7", "tensorboard>=2.14"], "tensorboard": ["tensorboard>=2.14"]},
 )

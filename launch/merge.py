@@ -4,7 +4,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from remix_ds.adapters import merge_main  # noqa: E402
+from remix_ds.cli import merge_main  # noqa: E402
 
 if __name__ == "__main__":
     merge_main()

@@ -35,12 +35,30 @@ def local_model_dir(path: str) -> str:
     """A local directory for a model: the path itself, or the hub cache's snapshot of a hub id."""
     if os.path.isdir(path):
         return path
+    from .data.hub import check_hub_model
+    check_hub_model(path)
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
     except Exception as e:  # offline, unknown id, ...
         raise ConfigError(f"model {path!r}: not a local directory and not available from the hub ({e}); "
                           f"download it and give its local path") from None
+
+
+def pattern_value(pattern: Dict[str, float], module: str, default: float) -> float:
+    """A module's rank or alpha under a PEFT ``rank_pattern`` / ``alpha_pattern``, by PEFT's own rule
+    (``peft.utils.other.get_pattern_key``, as LoraModel._create_and_replace applies it): the first key, in the
+    config's order, that matches the end of the module's path as a regex after a dot or at its start (a bare
+    name ``q_proj``, a dotted suffix ``self_attn.q_proj``, the full path ``model.layers.0.self_attn.q_proj`` or a
+    regex ``.*layers\\.0\\..*q_proj``). ``module`` is the path in the base model (no ``base_model.model.``)."""
+    if not pattern:
+        return default
+    key = module
+    for pat in pattern:
+        if re.match(rf"(.*\.)?({pat})$", module):
+            key = pat
+            break
+    return pattern.get(key, default)
 
 
 def _adapter_tensors(adapter_dir: str) -> Tuple[dict, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]]:
@@ -61,11 +79,10 @@ def _adapter_tensors(adapter_dir: str) -> Tuple[dict, Dict[str, Tuple[torch.Tens
                 raise ConfigError(f"{adapter_dir}: unsupported adapter tensor {key!r} (only LoRA A/B are merged)")
             continue
         b = sd[key.replace(".lora_A.", ".lora_B.")]
-        module = key.split(".lora_A.")[0]
-        base_key = re.sub(r"^base_model\.model\.", "", module) + ".weight"
-        short = module.split(".")[-1]
-        rr = cfg.get("rank_pattern", {}).get(short, r)
-        aa = cfg.get("alpha_pattern", {}).get(short, alpha)
+        module = re.sub(r"^base_model\.model\.", "", key.split(".lora_A.")[0])   # the path in the base model
+        base_key = module + ".weight"
+        rr, aa = pattern_value(cfg.get("rank_pattern") or {}, module, r), \
+            pattern_value(cfg.get("alpha_pattern") or {}, module, alpha)
         scale = aa / (rr ** 0.5) if cfg.get("use_rslora") else aa / rr
         pairs[base_key] = (a, b, scale)
     if not pairs:
@@ -80,6 +97,16 @@ def nf4_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, state = bnbf.quantize_4bit(w.to(dev), blocksize=blocksize, quant_type="nf4", compress_statistics=True)
     return bnbf.dequantize_4bit(q, state, quant_type="nf4").to("cpu", w.dtype)
+
+
+def normal_permissions(directory: str) -> None:
+    """Files as the user's umask makes them (0644 under the usual 022): safetensors writes 0600 files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~mask)
 
 
 def _shards(base_dir: str):
@@ -160,36 +187,6 @@ def streaming_merge(base_dir: str, adapter_dir, out_dir: str, dtype: Optional[to
             cfg.pop("quantization_config", None)
             json.dump(cfg, open(cfg_path, "w"), indent=2)
 
-    atomic_save(out_dir, write)
+    atomic_save(out_dir, lambda tmp: (write(tmp), normal_permissions(tmp)))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
     return {"merged": merged, "shards": len(files), "peak_rss_gib": round(peak, 3)}
-
-
-def merge_main(argv=None) -> None:
-    import argparse
-    import time
-
-    from .cli import main_guard, setup_logging
-
-    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base on CPU, shard by shard, and write "
-                                            "a safetensors Hugging Face directory.")
-    p.add_argument("base", help="base model directory (safetensors)")
-    p.add_argument("adapter", help="PEFT LoRA adapter directory")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="output dtype (default: base's)")
-    p.add_argument("--nf4", action="store_true", help="the adapter is a QLoRA adapter: merge into the NF4-"
-                                                      "dequantised base weights it was trained against")
-    p.add_argument("--nf4-dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="with --nf4: the dtype the base was loaded in for QLoRA training (the recipe's precision; "
-                        "bitsandbytes quantised that cast; default: the base file's dtype)")
-    args = p.parse_args(argv)
-
-    def run():
-        setup_logging()
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-        dtype = dtypes.get(args.dtype or "")
-        t0 = time.time()
-        stats = streaming_merge(args.base, args.adapter, args.out, dtype=dtype, nf4=args.nf4,
-                                nf4_dtype=dtypes.get(args.nf4_dtype or ""))
-        print(json.dumps({**stats, "seconds": round(time.time() - t0, 2), "out": args.out}))
-    main_guard(run)

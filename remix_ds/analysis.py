@@ -17,7 +17,6 @@ Models: ``<output_dir>/<variant>/stage<k>/model`` (full) or ``.../merged`` (LoRA
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -276,36 +275,3 @@ def plot_lens(result: Dict[str, Any], path: str) -> Optional[str]:
     fig.savefig(tmp)
     os.replace(tmp, path)
     return path
-
-
-# ------------------------------------------------------------------ command line
-
-def analyze_main(argv: Optional[List[str]] = None) -> None:
-    from .cli import main_guard, recipe_parser, setup_logging, split_variants
-
-    p: argparse.ArgumentParser = recipe_parser(
-        "Logit lens of every variant's stage models on D_A: per layer, the share of factoids whose first "
-        "answer token is top-1 and its mean rank; writes logit_lens.{json,md,png}.")
-    p.add_argument("--stage", "-s", type=int, action="append", default=None,
-                   help="analyse only this stage's models (repeatable; default: every stage)")
-    p.add_argument("--dataset", default=None, help="dataset to probe (default: each variant's stage-1 data, D_A)")
-    p.add_argument("--adapter", action="store_true",
-                   help="load base + adapter where a stage has adapter/ (default: the merged model)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's eval.batch_size")
-    p.add_argument("--max-examples", type=int, default=None, help="probe only the first N examples")
-    p.add_argument("--out", default=None, help="output directory (default: <output_dir>/analysis)")
-    args = p.parse_intermixed_args(argv)
-
-    def run():
-        setup_logging()
-        from .config import load_recipe
-
-        recipe = load_recipe(args.config, args.overrides)
-        dist.init()
-        res = analyze(recipe, split_variants(args.variant, recipe), args.stage, dataset=args.dataset,
-                      adapter=args.adapter, batch_size=args.batch_size or recipe.eval.batch_size,
-                      max_examples=args.max_examples, out_dir=args.out)
-        if dist.is_main():
-            print(markdown(res))
-            print(f"written to {args.out or os.path.join(recipe.output_dir, 'analysis')}")
-    main_guard(run)

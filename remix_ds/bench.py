@@ -1125,9 +1125,10 @@ def parse_cases(text: str) -> List[Tuple[str, List[str]]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch/bench.py",
         description="Time remix_ds's training step against a plain PyTorch/PEFT loop (and evaluation, and "
                     "padding) on one model shape; append JSON lines to --out.")
+    from .helptext import decorate
+    decorate(p, "bench")
     p.add_argument("--shape", default="tiny", choices=list(SHAPES),
                    help="tiny: the locally built tiny model; llama-1b / llama-8b: random bf16 weights of those "
                         "configurations, written once under REMIX_DS_CACHE (default: tiny)")
@@ -1189,7 +1190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from . import dist
-    from .cli import setup_logging
+    from .runlog import setup_logging
 
     args = build_parser().parse_args(argv)
     if args.summarize:

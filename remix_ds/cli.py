@@ -2,41 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
-import warnings
 from typing import List, Optional
 
-from .errors import RemixError
+from .helptext import decorate
+from .runlog import main_guard, quiet_cpu_accelerator, setup_logging  # noqa: F401  (the commands' shared set-up)
 
 
-def setup_logging() -> None:
-    from . import dist
-
-    level = logging.INFO if dist.rank() == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"[%(asctime)s rank{dist.rank()}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "accelerate", "httpx", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if dist.rank() == 0 else logging.ERROR)
-    try:
-        from deepspeed.utils import logger as ds_logger
-        ds_logger.setLevel(logging.WARNING)
-    except Exception:
-        pass
-    try:
-        import transformers
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:
-        pass
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def recipe_parser(description: str) -> argparse.ArgumentParser:
+def recipe_parser(description: str, command: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
+    if command:
+        decorate(p, command)
     p.add_argument("--config", "-c", default=None, help="recipe YAML (default: the bundled demo recipe)")
     p.add_argument("--variant", "-v", action="append", default=None,
                    help="run only this variant (repeatable or comma-separated; a quoted pattern such as 'lora-r*' "
@@ -48,19 +24,6 @@ def recipe_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stage1.epochs=5 ds_config=zero3")
     return p
-
-
-def main_guard(fn) -> None:
-    """Run fn(); print RemixError messages without a traceback and exit non-zero."""
-    try:
-        fn()
-        from . import dist
-        dist.shutdown()
-    except RemixError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 def split_variants(values: Optional[List[str]], recipe=None) -> Optional[List[str]]:
@@ -112,10 +75,16 @@ def print_plan(recipe, variants, stages=None) -> None:
         print(f"| {r['variant']} | {r['stage']} | {r['action']} | {r['why']} | {r['evaluation']} |")
 
 
-def pipeline_main(argv: Optional[List[str]] = None) -> None:
-    args = add_dry_run(recipe_parser("Run every stage of every variant of a recipe, evaluate, and write the "
-                                     "forgetting report. With no --config, runs the bundled demo."),
-                       report_only=True).parse_intermixed_args(argv)
+def pipeline_main(argv: Optional[List[str]] = None, report: bool = False) -> None:
+    if report:
+        p = recipe_parser("Rewrite a recipe's forgetting report from the finished, current results of its variants "
+                          "(all, or --variant): nothing is trained or scored.", "report")
+        args = p.parse_intermixed_args(argv)
+        args.dry_run, args.report_only = False, True
+    else:
+        args = add_dry_run(recipe_parser("Run every stage of every variant of a recipe, evaluate, and write the "
+                                         "forgetting report. With no --config, runs the bundled demo.", "train"),
+                           report_only=True).parse_intermixed_args(argv)
 
     def run():
         setup_logging()
@@ -148,7 +117,7 @@ def pipeline_main(argv: Optional[List[str]] = None) -> None:
 
 
 def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
-    args = add_dry_run(recipe_parser(f"Train (and evaluate) stage {k} of each variant of a recipe.")
+    args = add_dry_run(recipe_parser(f"Train (and evaluate) stage {k} of each variant of a recipe.", "stage")
                        ).parse_intermixed_args(argv)
 
     def run():
@@ -182,6 +151,7 @@ def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
 def eval_main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description="Accuracy of a model (full directory, or an adapter directory on its "
                                             "base) on a factoid set: greedy generation (default) or teacher-forced.")
+    decorate(p, "eval")
     p.add_argument("--model", required=True, help="model directory, a PEFT adapter directory, or a stage directory "
                                                   "(<output_dir>/<variant>/stage<k>: the model its evaluation scores)")
     p.add_argument("--base", default=None, help="base model for an adapter (default: the adapter's own record)")
@@ -264,7 +234,8 @@ def stage_dir_model(path: str):
 
 
 def build_tiny_main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Build the tiny pretrained Llama + tokenizer as a HF directory.")
+    p = decorate(argparse.ArgumentParser(description="Build the tiny pretrained Llama + tokenizer as a HF "
+                                                     "directory."), "build-tiny")
     p.add_argument("out", nargs="?", default=None, help="output directory (default: the cache)")
     args = p.parse_args(argv)
 
@@ -272,4 +243,134 @@ def build_tiny_main(argv: Optional[List[str]] = None) -> None:
         setup_logging()
         from .tiny import build_tiny
         print(build_tiny(out_dir=args.out))
+    main_guard(run)
+
+
+def merge_main(argv: Optional[List[str]] = None) -> None:
+    p = decorate(argparse.ArgumentParser(
+        description="Merge a LoRA adapter (or a stack of them) into its base on CPU, shard by shard, and write a "
+                    "safetensors Hugging Face directory."), "merge")
+    p.add_argument("paths", nargs="+", metavar="[BASE] ADAPTER OUT",
+                   help="ADAPTER: a PEFT LoRA adapter directory or a remix_ds stage directory "
+                        "(<output_dir>/<variant>/stage<k>); BASE (optional): the base model directory (default: "
+                        "the adapter's adapter_config.json base_model_name_or_path, or the stage's own input); "
+                        "OUT: the output directory")
+    p.add_argument("--base", default=None, help="the base model directory (same as the optional first path)")
+    p.add_argument("--force", "-f", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="output dtype (default: base's)")
+    p.add_argument("--nf4", action="store_true", help="the adapter is a QLoRA adapter: merge into the NF4-"
+                                                      "dequantised base weights it was trained against (a QLoRA "
+                                                      "stage directory sets this itself)")
+    p.add_argument("--nf4-dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="with --nf4: the dtype the base was loaded in for QLoRA training (the recipe's precision; "
+                        "bitsandbytes quantised that cast; default: the stage's recorded precision, else the base "
+                        "file's dtype)")
+    args = p.parse_args(argv)
+    if len(args.paths) not in (2, 3):
+        p.error("give ADAPTER OUT, or BASE ADAPTER OUT")
+    if len(args.paths) == 3 and args.base:
+        p.error("give the base either as the first path or as --base, not both")
+
+    def run():
+        setup_logging()
+        import json
+        import time
+
+        import torch
+
+        from .adapters import local_model_dir, streaming_merge
+        from .errors import ConfigError
+
+        base, adapter, out = args.paths if len(args.paths) == 3 else (args.base, *args.paths)
+        check_output_dir(out, "OUT", args.force)
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        nf4, nf4_dtype = args.nf4, args.nf4_dtype
+        stage = stage_dir_model(adapter)
+        if stage is not None:
+            stage_base, adapters = stage
+            if not adapters:
+                raise ConfigError(f"{adapter}: this stage's model is a full model already ({stage_base}); there is "
+                                  f"no adapter to merge")
+            with open(os.path.join(adapter, "config.json")) as f:
+                cfg = json.load(f)
+            if cfg["spec"]["finetune"] == "qlora":
+                nf4 = True
+                nf4_dtype = nf4_dtype or cfg.get("precision")
+        else:
+            adapters = [adapter]
+            stage_base = None
+        if base is None:
+            base = stage_base or adapter_base(adapters[0])
+        base = local_model_dir(base)
+        t0 = time.time()
+        stats = streaming_merge(base, adapters, out, dtype=dtypes.get(args.dtype or ""), nf4=nf4,
+                                nf4_dtype=dtypes.get(nf4_dtype or ""))
+        print(json.dumps({**stats, "seconds": round(time.time() - t0, 2), "base": base, "out": out}))
+    main_guard(run)
+
+
+def adapter_base(adapter_dir: str) -> str:
+    """The base model a PEFT adapter records (adapter_config.json base_model_name_or_path)."""
+    import json
+
+    from .errors import ConfigError
+
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("base_model_name_or_path")
+    except ValueError as e:
+        raise ConfigError(f"{path}: malformed JSON ({e})") from None
+    if not recorded:
+        raise ConfigError(f"{path} records no base_model_name_or_path: give the base model (BASE ADAPTER OUT)")
+    return recorded
+
+
+def check_output_dir(path: str, what: str, force: bool = False) -> None:
+    """An output directory that can be written: refused when it is a file, exists (without force), or its
+    parent cannot be created."""
+    from .errors import ConfigError
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} is a file, not a directory: give a directory path")
+    if os.path.isdir(path) and os.listdir(path) and not force:
+        raise ConfigError(f"{what} {path!r} exists and is not empty: give another path, or --force to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    node = parent
+    while not os.path.exists(node):
+        node = os.path.dirname(node)
+    if not os.path.isdir(node):
+        raise ConfigError(f"{what} {path!r}: {node} is a file, not a directory")
+
+
+def analyze_main(argv: Optional[List[str]] = None) -> None:
+    p = recipe_parser(
+        "Logit lens of every variant's stage models on D_A: per layer, the share of factoids whose first "
+        "answer token is top-1 and its mean rank; writes logit_lens.{json,md,png}.", "analyze")
+    p.add_argument("--stage", "-s", type=int, action="append", default=None,
+                   help="analyse only this stage's models (repeatable; default: every stage)")
+    p.add_argument("--dataset", default=None, help="dataset to probe (default: each variant's stage-1 data, D_A)")
+    p.add_argument("--adapter", action="store_true",
+                   help="load base + adapter where a stage has adapter/ (default: the merged model)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's eval.batch_size")
+    p.add_argument("--max-examples", type=int, default=None, help="probe only the first N examples")
+    p.add_argument("--out", default=None, help="output directory (default: <output_dir>/analysis)")
+    args = p.parse_intermixed_args(argv)
+
+    def run():
+        setup_logging()
+        from . import dist
+        from .analysis import analyze, markdown
+        from .config import load_recipe
+
+        recipe = load_recipe(args.config, args.overrides)
+        dist.init()
+        res = analyze(recipe, split_variants(args.variant, recipe), args.stage, dataset=args.dataset,
+                      adapter=args.adapter, batch_size=args.batch_size or recipe.eval.batch_size,
+                      max_examples=args.max_examples, out_dir=args.out)
+        if dist.is_main():
+            print(markdown(res))
+            print(f"written to {args.out or os.path.join(recipe.output_dir, 'analysis')}")
     main_guard(run)

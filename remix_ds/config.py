@@ -261,12 +261,53 @@ def _coerce(value, tp, where: str):
     return value
 
 
+# keys people write from other tools' vocabularies, and what the recipe calls them
+KEY_ALIASES = {
+    "epoch": "epochs", "num_epochs": "epochs", "num_train_epochs": "epochs", "learning_rate": "lr",
+    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "batch_size": "global_batch_size", "train_batch_size": "global_batch_size",
+    "per_device_train_batch_size": "micro_batch_size", "micro_batch": "micro_batch_size",
+    "max_length": "max_seq_length", "seq_length": "max_seq_length", "max_len": "max_seq_length",
+    "dtype": "precision", "target": "target_modules", "targets": "target_modules", "n": "num_examples",
+    "num_samples": "num_examples", "size": "num_examples", "finetuning": "finetune", "fine_tune": "finetune",
+    "mode": "finetune", "method": "finetune", "warmup": "warmup_ratio", "clip": "grad_clip",
+    "max_grad_norm": "grad_clip", "deepspeed": "ds_config", "zero": "ds_config", "dataset": "data",
+    "model_name": "model", "model_name_or_path": "model", "output": "output_dir", "out": "output_dir",
+}
+
+
+def suggest_key(key: str, known) -> Optional[str]:
+    """The known key a mistyped one most likely means (an alias, a different case, or the closest spelling)."""
+    import difflib
+
+    known = list(known)
+    k = str(key)
+    alias = KEY_ALIASES.get(k) or KEY_ALIASES.get(k.lower())
+    if alias in known:
+        return alias
+    for name in known:
+        if name.lower() == k.lower() or name.replace("_", "") == k.lower().replace("-", "").replace("_", ""):
+            return name
+    close = difflib.get_close_matches(k.lower().replace("-", "_"), known, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def unknown_key_message(where: str, key: Any, known, hint: Optional[str] = None) -> str:
+    guess = hint or suggest_key(key, known)
+    return (f"{where}: unknown key {key!r}" + (f" (did you mean {guess!r}?)" if guess else "")
+            + f" (known keys: {', '.join(sorted(known))})")
+
+
 def build_dataclass(cls, data: Dict[str, Any], where: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(names))})")
+        hint = None
+        if cls is StageSpec and suggest_key(unknown[0], names) is None:
+            inner = suggest_key(unknown[0], [f.name for f in dataclasses.fields(LoraSpec)])
+            hint = f"lora.{inner}" if inner else None
+        raise ConfigError(unknown_key_message(where, unknown[0], names, hint))
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
@@ -377,6 +418,28 @@ def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     return recipe
 
 
+def _top_level_unknown(raw: Dict[str, Any], key: Any, where: str) -> str:
+    """An unknown top-level key: a stage key written at the top level is named with its stage block."""
+    stage_fields = {f.name for f in dataclasses.fields(StageSpec)}
+    lora_fields = {f.name for f in dataclasses.fields(LoraSpec)}
+    stages = sorted(int(m.group(1)) for m in (STAGE_KEY.match(str(k)) for k in raw) if m) or [1]
+    guess = suggest_key(key, TOP_LEVEL_KEYS)
+    if guess is None:
+        for fields, prefix in ((stage_fields, ""), (lora_fields, "lora.")):
+            inner = suggest_key(key, fields)
+            if inner:
+                guess = f"stage{stages[0]}.{prefix}{inner}"
+                break
+    msg = f"{where}: unknown key {key!r}"
+    if guess and guess.startswith("stage"):
+        parts = guess.split(".")
+        block = "".join(f"{{{p}: " for p in parts[1:]) + "..." + "}" * (len(parts) - 1)
+        msg += f" (did you mean {guess!r}? stage keys go inside a stage block: {parts[0]}: {block})"
+    elif guess:
+        msg += f" (did you mean {guess!r}?)"
+    return msg + f" (known keys: {', '.join(sorted(TOP_LEVEL_KEYS))}, stage1, stage2, ...)"
+
+
 def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
     raw = copy.deepcopy(raw)
     stage_defaults = {}
@@ -385,8 +448,7 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
         if m:
             stage_defaults[int(m.group(1))] = raw.pop(key) or {}
         elif key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r} (known keys: "
-                              f"{', '.join(sorted(TOP_LEVEL_KEYS))}, stage1, stage2, ...)")
+            raise ConfigError(_top_level_unknown(raw, key, where))
     for req in ("name", "model", "datasets"):
         if req not in raw:
             raise ConfigError(f"{where}: missing required key {req!r}")
@@ -498,6 +560,12 @@ def expand_sweeps(variants_raw: List[Any], where: str) -> List[Any]:
             out.append(v)
             continue
         sweep = v["sweep"]
+        if isinstance(sweep, dict) and any(x is None for x in sweep.values()):
+            empty = [str(k) for k, x in sweep.items() if x is None]
+            joined = ",".join(str(k) for k in sweep)
+            raise ConfigError(f"{where}: variants[{i}].sweep: {empty[0]!r} has no values. In YAML flow style "
+                              f"({{a,b: [...]}}) a comma separates keys: to set several keys together, quote the "
+                              f"joined key: sweep: {{\"{joined}\": [...]}}")
         if not isinstance(sweep, dict) or not sweep or not all(isinstance(x, list) and x for x in sweep.values()):
             raise ConfigError(f"{where}: variants[{i}].sweep must map stage keys to non-empty lists of values")
         for key in sweep:
@@ -523,7 +591,22 @@ def expand_sweeps(variants_raw: List[Any], where: str) -> List[Any]:
     return out
 
 
+def check_output_dir(path: str, where: str) -> None:
+    """output_dir (or a folder above it) must not be an existing file: refused before anything is loaded."""
+    node = path
+    while node and not os.path.exists(node):
+        parent = os.path.dirname(node)
+        if parent == node:
+            return
+        node = parent
+    if node and not os.path.isdir(node):
+        what = "is a file" if node == path else f"lies below {node}, which is a file"
+        raise ConfigError(f"{where}: output_dir {path} {what}, not a directory: give a directory path "
+                          f"(output_dir: DIR or output_dir=DIR on the command line)")
+
+
 def validate(recipe: Recipe, where: str) -> None:
+    check_output_dir(recipe.output_dir, where)
     if recipe.semantics not in SEMANTICS:
         raise ConfigError(f"{where}: semantics must be one of {', '.join(SEMANTICS)}, got {recipe.semantics!r}")
     for item in recipe.study_except:

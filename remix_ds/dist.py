@@ -38,7 +38,45 @@ def init() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    announce_op_build()
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    try:   # DeepSpeed prints "... built successfully" for its CPU op on every rank of every run
+        with contextlib.redirect_stdout(out):
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    except BaseException:
+        print(out.getvalue(), end="")
+        raise
+    for line in out.getvalue().splitlines():
+        if line.strip() and "built successfully" not in line:
+            print(line)
+
+
+def shm_op_built() -> bool:
+    """Whether DeepSpeed's CPU shared-memory communication op (built on first use, JIT) is in the torch
+    extensions cache already; True where it does not apply (CUDA, or an op DeepSpeed cannot build here)."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        from deepspeed.accelerator import get_accelerator
+        import deepspeed.ops
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return True
+        from torch.utils.cpp_extension import _get_build_directory
+        return os.path.isfile(os.path.join(_get_build_directory(builder.NAME, False), builder.NAME + ".so"))
+    except Exception:
+        return True
+
+
+def announce_op_build() -> None:
+    """Say so before DeepSpeed compiles its CPU communication op (silently, about a minute, once)."""
+    if not shm_op_built() and rank() == 0:
+        log.info("compiling DeepSpeed's CPU communication op (deepspeed_shm_comm) once for this machine: about "
+                 "a minute; later runs reuse it from the torch extensions cache")
 
 
 def shutdown() -> None:

@@ -302,17 +302,20 @@ def select_examples(args) -> Tuple[list, str]:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .helptext import decorate
+
     p = argparse.ArgumentParser(
-        prog="filter_unknown.py",
         description="Score a factoid set with a base model and write the subsets it already knows and does "
                     "not yet know (known.jsonl, yet_to_learn.jsonl, counts.json). Train on yet_to_learn.jsonl "
                     "with `path:` in a recipe. generate: the answer is the generation's first line, cut before "
                     "'<|'; known when it matches a gold answer or starts with one followed by . , ; : ! ? "
                     "(docs/datasets.md).")
-    p.add_argument("--model", required=True, help="base model: 'tiny', a local HF directory or a hub id")
+    decorate(p, "filter-unknown")
+    p.add_argument("--model", default=None, help="base model: 'tiny', a local HF directory or a hub id (default: "
+                                                 "the recipe's model, with --config)")
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_argument_group("the factoid set (one of)")
-    g.add_argument("--config", default=None, help="a recipe; with --dataset, score that dataset (every row)")
+    g.add_argument("--config", "-c", default=None, help="a recipe; with --dataset, score that dataset (every row)")
     g.add_argument("--dataset", default=None, help="dataset name in the recipe (e.g. A)")
     g.add_argument("--source", default=None, help="a source name (popqa, triviaqa, lama, entityquestions, webqa, "
                                                   "kvr, json, ...)")
@@ -346,7 +349,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = p.parse_args(argv)
     if args.shots < 0:
         p.error(f"--shots must be >= 0, got {args.shots}")
-    from .cli import main_guard, setup_logging
+    if args.model is None and not args.config:
+        p.error("give --model (or --config RECIPE, whose model is the default)")
+    from .runlog import main_guard, setup_logging
 
     def run():
         setup_logging()
@@ -358,7 +363,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         from .tiny import resolve_model_path
 
         examples, name = select_examples(args)
-        model_path = resolve_model_path(args.model, TinySpec())
+        model_name, tiny = args.model, TinySpec()
+        if model_name is None:   # the recipe's model
+            from .config import load_recipe
+            recipe = load_recipe(args.config, args.overrides)
+            model_name, tiny = recipe.model, recipe.tiny
+        model_path = resolve_model_path(model_name, tiny)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision = resolve_precision(args.precision)
         model = load_for_eval(model_path, torch_dtype(precision), device)
@@ -366,7 +376,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         known, preds = score_known(model, tok, examples, scorer=args.scorer, match=args.match,
                                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=device,
                                    shots=args.shots, shots_seed=args.shots_seed)
-        meta = {"model": args.model, "dataset": name, "precision": precision}
+        meta = {"model": model_name, "dataset": name, "precision": precision}
         meta.update(scoring_meta(tok, examples, scorer=args.scorer, match=args.match, shots=args.shots,
                                  shots_seed=args.shots_seed, max_new_tokens=args.max_new_tokens))
         counts = write_split(args.out, examples, known, preds, meta)

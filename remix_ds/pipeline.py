@@ -54,6 +54,8 @@ def check_model_dir(model: str, what: str, adapter_ok: bool = False) -> None:
     if not os.path.isdir(path):
         if path.startswith(("/", "./", "../")) or path.count("/") >= 2 or os.path.exists(path):
             raise ConfigError(f"{what} {model!r}: directory not found")
+        from .data.hub import check_hub_model
+        check_hub_model(model, what)   # a hub id: in the cache or reachable now (one short request)
         return
     cfg_path = os.path.join(path, "config.json")
     cfg = {}

@@ -154,9 +154,19 @@ def config_change(recipe: Recipe, variant: Variant, k: int) -> Optional[str]:
     new = json.loads(json.dumps(dataclasses.asdict(variant.stages[k - 1]), default=str))
     keys = sorted(key for key in set(new) | set(old.get("spec", {}))
                   if key not in OPERATIONAL_KEYS and old.get("spec", {}).get(key) != new.get(key))
+    parts = []
     if keys:
-        return "changed stage keys: " + ", ".join(f"{key} {old.get('spec', {}).get(key)!r} -> {new.get(key)!r}"
-                                                 for key in keys)
+        parts.append("changed stage keys: " + ", ".join(f"{key} {old.get('spec', {}).get(key)!r} -> "
+                                                        f"{new.get(key)!r}" for key in keys))
+    if "recipe" in old:   # recorded since the recipe-wide settings are (older stage directories lack them)
+        diffs = _changes(old["recipe"], recipe_settings(recipe, variant, k))
+        if diffs:
+            parts.append("changed recipe settings: " + ", ".join(f"{key} {a!r} -> {b!r}" for key, a, b in diffs))
+    if parts:
+        return "; ".join(parts)
+    if "recipe" in old:
+        return "the stage keys are the same, and the recipe-wide settings: an earlier stage, a data file's or " \
+               "ds_config file's contents, or remix_ds's fingerprint changed"
     return "the stage keys are the same: a dataset or its contents, the seed, precision, max_seq_length, the " \
            "ds_config, the model, an earlier stage or remix_ds's fingerprint changed"
 
@@ -168,6 +178,36 @@ def stage_precision(recipe: Recipe, spec: StageSpec) -> str:
     if spec.finetune == "full" and recipe.follows_study("precision") and recipe.precision in ("auto", "bf16"):
         return PURE_BF16
     return resolve_precision(recipe.precision)
+
+
+def recipe_settings(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
+    """The recipe-wide settings stage k depends on, as its config.json records them (so that a retrain can name
+    the one that changed): seed, precision, max_seq_length, the stage's ds_config, the model (and the tiny
+    model's shape) and the datasets its stages up to k train on or replay."""
+    import dataclasses
+
+    used = []
+    for spec in variant.stages[:k]:
+        for key in (spec.data, spec.mix.data if spec.mix is not None else None):
+            if key and key in recipe.datasets and key not in used:
+                used.append(key)
+    spec = variant.stages[k - 1]
+    settings = {"seed": recipe.seed, "precision": recipe.precision, "max_seq_length": recipe.max_seq_length,
+                "semantics": recipe.semantics, "study_except": sorted(recipe.study_except), "ds_config": spec.ds_config or recipe.ds_config,
+                "model": recipe.model, "datasets": {key: dataclasses.asdict(recipe.datasets[key]) for key in used}}
+    if recipe.model == "tiny":
+        settings["tiny"] = dataclasses.asdict(recipe.tiny)
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _changes(old: Any, new: Any, prefix: str = "") -> List[Tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf that differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _changes(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 def checkpoint_layout(recipe: Recipe, spec: StageSpec, world: int) -> Dict[str, Any]:
@@ -486,6 +526,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
             "world_size": world,
             "precision": precision, "micro_batch_size": micro, "gradient_accumulation_steps": gas,
             "steps_per_epoch": steps_per_epoch, "spec": dataclasses.asdict(spec), "ds_config": ds_cfg,
+            "recipe": recipe_settings(recipe, variant, k),
             "packing": bool(pack),
             "n_data": len(data), "n_mix": n_mix, "n_dropped": dropped})
         log.info("%s/stage%d: %s on %s (%d examples + %d mixing, %d dropped), %s, %d steps/epoch, "

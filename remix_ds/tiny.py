@@ -83,7 +83,13 @@ def _pretrain(model, tokenizer, spec: TinySpec) -> float:
     model.train()
     loss = torch.tensor(float("nan"))
     warm = max(1, spec.pretrain_steps // 20)
+    report_every = max(1, spec.pretrain_steps // 10)
+    t0 = time.time()
     for step in range(spec.pretrain_steps):
+        if step and step % report_every == 0:
+            rate = (time.time() - t0) / step
+            log.info("tiny model: pretraining step %d/%d, loss %.3f (about %.0fs left)", step, spec.pretrain_steps,
+                     loss.item(), rate * (spec.pretrain_steps - step))
         lr = 3e-3 * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / spec.pretrain_steps))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -111,8 +117,13 @@ def build_tiny(spec: TinySpec | None = None, out_dir: str | os.PathLike | None =
         if marker.exists():
             return str(out)
         t0 = time.time()
+        log.info("building the tiny demo model once (a %d-layer Llama with its own %d-token tokenizer, %d "
+                 "pretraining steps; about a minute on 2 CPU cores) into %s", spec.num_layers, spec.vocab_size,
+                 spec.pretrain_steps, out)
         torch.manual_seed(spec.seed)
+        log.info("tiny model: training the tokenizer")
         tokenizer = train_tokenizer(spec)
+        log.info("tiny model: pretraining (%d steps)", spec.pretrain_steps)
         cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
                           intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
                           num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,

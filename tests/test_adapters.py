@@ -205,3 +205,39 @@ def test_eval_cli_scores_a_stage_directory_as_the_pipeline_did(combo, tmp_path):
     assert metrics["n"] == stored["n"] and metrics["accuracy"] == stored["accuracy"]
     preds = [json.loads(l)["prediction"] for l in open(tmp_path / "A.predictions.jsonl")]
     assert preds == [json.loads(l)["prediction"] for l in open(combo / "stacked" / "stage2" / "eval" / "A.predictions.jsonl")]
+
+
+@pytest.mark.parametrize("rank_pattern, alpha_pattern", [
+    ({"q_proj": 2}, {"q_proj": 3}),                                              # bare module name
+    ({"self_attn.q_proj": 2}, {"mlp.down_proj": 5}),                             # dotted suffix
+    ({"model.layers.0.self_attn.q_proj": 2}, {"model.layers.1.mlp.down_proj": 7}),  # full module path
+    ({r".*\.0\.self_attn\.(q|v)_proj": 2}, {r"layers\.1\..*down_proj": 6}),      # regex
+    ({"layers.0.self_attn.v_proj": 6, "v_proj": 2}, {"v_proj": 1, "q_proj": 9}),  # first key in order wins
+])
+def test_streaming_merge_applies_rank_and_alpha_patterns_as_peft_does(tiny_dir, tmp_path, rank_pattern,
+                                                                      alpha_pattern):
+    """Every pattern form PEFT accepts: the streaming merge equals PEFT's own merge_and_unload."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(11)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    model = get_peft_model(model, cfg)
+    ranks = {n.split(".lora_A")[0]: p.shape[0] for n, p in model.named_parameters() if "lora_A" in n}
+    assert len(set(ranks.values())) > 1, ranks   # the pattern took effect in PEFT
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "ad")
+    streaming_merge(tiny_dir, str(tmp_path / "ad"), str(tmp_path / "m"))
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
+                                          str(tmp_path / "ad")).merge_and_unload().state_dict()
+    ours = load_file(str(tmp_path / "m" / "model.safetensors"))
+    for key, w in ours.items():
+        torch.testing.assert_close(w, reference[key], atol=1e-6, rtol=0, msg=key)
+    merged = load_for_eval(str(tmp_path / "m"), torch.float32, CPU)
+    with_adapter = load_for_eval(str(tmp_path / "ad"), torch.float32, CPU, base=tiny_dir)
+    torch.testing.assert_close(logits(merged, IDS), logits(with_adapter, IDS), atol=1e-4, rtol=0)

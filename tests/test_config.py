@@ -207,7 +207,7 @@ def test_command_line_stage_override_wins_over_a_variants_own_value():
         load_recipe(DEMO_RECIPE, ["variants.qlora.stage2.epochs=9"])
 
 
-def test_model_paths_that_are_not_models_are_refused_with_what_to_do(tmp_path):
+def test_model_paths_that_are_not_models_are_refused_with_what_to_do(tmp_path, monkeypatch):
     import json as _json
 
     from remix_ds.pipeline import check_model_dir
@@ -222,7 +222,11 @@ def test_model_paths_that_are_not_models_are_refused_with_what_to_do(tmp_path):
     model.mkdir()
     (model / "config.json").write_text(_json.dumps({"model_type": "llama"}))
     check_model_dir(str(model), "model")                                  # a model: fine
-    check_model_dir("meta-llama/Meta-Llama-3-8B", "model")                # a hub id: left to the hub
+    import huggingface_hub.constants as hf_constants
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="Meta-Llama-3-8B'.*not in the local hub cache"):
+        check_model_dir("meta-llama/Meta-Llama-3-8B", "model")            # a hub id: cached, or reachable now
     check_model_dir(str(adapter), "--model", adapter_ok=True)            # eval takes adapters
     for path, needle in [(stage, "is a remix_ds stage directory: give the model in it"),
                          (adapter, "is a PEFT adapter, not a model"),
@@ -305,3 +309,105 @@ def test_dry_run_plan_checks_a_checkpoint_as_the_run_would(tmp_path):
     (ckpt / "COMPLETE.json").write_text(json.dumps({**marker, "world_size": 4}))
     row = plan(r, [v], [1])[0]
     assert row["action"] == "resume" and "written with world_size 4" in row["why"], row
+
+
+@pytest.mark.parametrize("where, key, value, guess", [
+    ("stage1", "epoch", 3, "'epochs'"),
+    ("stage1", "learning_rate", 1e-3, "'lr'"),
+    ("stage1", "rank", 8, "'lora.r'"),
+    ("lora", "rank", 8, "'r'"),
+    ("top", "global_batch_size", 16, "'stage1.global_batch_size'"),
+    ("top", "seeds", 1, "'seed'"),
+])
+def test_unknown_recipe_keys_get_a_did_you_mean(tmp_path, where, key, value, guess):
+    d = base_dict(tmp_path)
+    if where == "top":
+        d[key] = value
+    elif where == "lora":
+        d["stage1"]["lora"] = {key: value}
+    else:
+        d[where][key] = value
+    with pytest.raises(ConfigError, match=f"unknown key '{key}' \\(did you mean {guess}"):
+        recipe_from_dict(d)
+
+
+def test_a_flow_style_sweep_key_with_a_comma_gets_a_hint_to_quote_it(tmp_path):
+    text = BASE.format(out=tmp_path / "run").replace(
+        "  - name: v\n", "  - name: v\n    sweep: {stage1.lora.r,stage2.lora.r: [8, 16]}\n")
+    path = write_recipe(tmp_path / "r.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(path)
+    assert "quote" in str(e.value) and '"stage1.lora.r,stage2.lora.r"' in str(e.value)
+    quoted = text.replace("{stage1.lora.r,stage2.lora.r:", '{"stage1.lora.r,stage2.lora.r":')
+    r = load_recipe(write_recipe(tmp_path / "q.yaml", quoted))
+    assert [v.name for v in r.variants] == ["v-r8", "v-r16"]
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_an_output_dir_that_is_a_file_is_refused_before_anything_runs(tmp_path, below):
+    f = tmp_path / "runfile"
+    f.write_text("not a directory")
+    out = f / "sub" if below else f
+    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(out=out))
+    res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe)], timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "output_dir" in res.stderr and "is a file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_empty_data_file_is_named_before_any_model_loads(tmp_path):
+    empty = tmp_path / "facts.jsonl"
+    empty.write_text("")
+    text = BASE.format(out=tmp_path / "run").replace("A: {source: kvr, num_examples: 10}",
+                                                     f"A: {{source: json, path: {empty}, num_examples: 10}}")
+    recipe = write_recipe(tmp_path / "r.yaml", text)
+    res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe), "--dry-run"], timeout=300)
+    assert res.returncode == 2 and f"{empty}: the file is empty" in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name, content, where", [
+    ("bad.jsonl", '{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": }\n', "bad.jsonl:2: .* column 27"),
+    ("end.jsonl", '{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": \n', "end.jsonl:2: .* column 27"),
+    ("trail.json", '[{"prompt": "a", "answer": "b"},\n {"prompt": "c", "answer": "d"},\n]\n',
+     "trail.json:2: .*trailing comma.* line 2 column 32"),
+    ("lines.json", '{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n', "rename it to lines.jsonl"),
+])
+def test_malformed_json_names_the_real_line_and_column(tmp_path, name, content, where):
+    from remix_ds.data.io import read_records
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=where):
+        read_records(str(path))
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_an_unreachable_hub_model_fails_with_one_message_and_exit_2(tmp_path, dry_run):
+    """No network here (as on an offline cluster node): a hub id not in the cache is one clear error, quickly."""
+    import time
+
+    recipe = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run").replace(
+        "model: tiny", "model: remix-ds-tests/no-such-model"))
+    t0 = time.time()
+    res = run_cli([sys.executable, "launch/pipeline.py", "--config", str(recipe)] + (["--dry-run"] if dry_run else []),
+                  timeout=300, env={"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "model 'remix-ds-tests/no-such-model'" in res.stderr and "Traceback" not in res.stderr
+    assert "hub is unreachable" in res.stderr and time.time() - t0 < 120
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").rglob("*.safetensors"))
+
+
+def test_a_cached_hub_model_passes_the_check_offline(tmp_path, monkeypatch):
+    from remix_ds.data.hub import check_hub_model
+
+    snap = tmp_path / "hf" / "hub" / "models--org--m" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "hf" / "hub" / "models--org--m" / "refs").mkdir()
+    (tmp_path / "hf" / "hub" / "models--org--m" / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    check_hub_model("org/m")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        check_hub_model("org/other")

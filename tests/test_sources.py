@@ -399,7 +399,7 @@ def test_bad_rows_name_source_file_and_row(tmp_path):
     with pytest.raises(DataError, match=r"P17.train.json: row 2: missing required field 'answers'"):
         load("entityquestions", path=str(tmp_path / "eq"))
     f.write_text("")
-    with pytest.raises(DataError, match=r"dataset D \(source gsm8k\): the dataset is empty"):
+    with pytest.raises(DataError, match=r"dataset D \(source gsm8k\): .*popqa.jsonl: the file is empty"):
         load("gsm8k", path=str(f))
     f.write_text(json.dumps({"key": "abc", "value": "1"}) + "\n" + json.dumps({"key": "abc", "value": "2"}) + "\n")
     with pytest.raises(DataError, match=r"popqa.jsonl: row 2: duplicate KVR key"):
@@ -874,3 +874,34 @@ def test_encode_examples_without_truncation_drops_and_counts(tiny_dir):
     assert dropped == 0 and len(enc[0].input_ids) == 64
     enc, dropped = encode_examples(tok, exs, 64, truncate=False)
     assert dropped == 1 and [e.index for e in enc] == [1]
+
+
+def test_entityquestions_split_files_side_by_side_are_selected_by_their_names(tmp_path):
+    """P17.train.json, P17.dev.json, P17.test.json in one folder: split: train reads the train files only."""
+    import json
+    import shutil
+
+    flat = LOCAL / "entityquestions" / "flat"
+    by_folder = LOCAL / "entityquestions" / "dataset"
+
+    def prompts(path, split=None):
+        return sorted(e.prompt for e in load("entityquestions", n=100, path=str(path), split=split))
+
+    def rows(split):
+        return sorted(r["question"] for f in sorted((by_folder / split).glob("*.json"))
+                      for r in json.loads(f.read_text()))
+
+    assert prompts(flat) == rows("train")               # the source's default split
+    assert prompts(flat, "train") == rows("train")
+    assert prompts(flat, "dev") == rows("dev")
+    assert prompts(flat, "dev+test") == sorted(rows("dev") + rows("test"))
+    with pytest.raises(DataError, match="no 'validation' files"):
+        load("entityquestions", n=100, path=str(flat), split="validation")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(flat, mixed)
+    shutil.copy(flat / "P17.train.json", mixed / "P99.json")   # a file whose split cannot be told
+    with pytest.raises(DataError, match="cannot be told"):
+        load("entityquestions", n=100, path=str(mixed), split="train")
+    from remix_ds.data.io import data_files
+    with pytest.raises(DataError, match="several splits"):   # no split and no default split: refused
+        data_files(str(flat), None)

@@ -69,3 +69,46 @@ def hub_rows(hub_id: str, config: Optional[str], split: Optional[str], *, what: 
         raise
     except Exception as e:  # network, missing repo or config, scripts no longer supported, ...
         raise _failure(e, what, label, fix) from None
+
+
+HUB_TIMEOUT_S = 10.0
+
+
+def check_hub_model(model_id: str, what: str = "model", timeout: float = HUB_TIMEOUT_S) -> None:
+    """A hub model id is usable: in the local hub cache, or its config.json reachable on the hub now (one
+    request, ``timeout`` seconds, no retries). Otherwise one ConfigError that says why and what to do — before
+    a run starts, rather than a long traceback after a dozen retries once it loads the model."""
+    import os
+
+    from ..errors import ConfigError
+
+    try:
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+        from huggingface_hub import errors as hf_errors
+    except ImportError:
+        return
+    cached = try_to_load_from_cache(model_id, "config.json")
+    if isinstance(cached, str) and os.path.isfile(cached):
+        return
+    fix = (f"download it where the hub is reachable (huggingface-cli download {model_id}, or "
+           f"snapshot_download) and give its local directory as {what}")
+    if str(os.environ.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"{what} {model_id!r}: not a local directory, not in the local hub cache, and "
+                          f"HF_HUB_OFFLINE is set: {fix}")
+    try:
+        get_hf_file_metadata(hf_hub_url(model_id, "config.json"), timeout=timeout)
+    except (hf_errors.GatedRepoError,) as e:
+        raise ConfigError(f"{what} {model_id!r}: a gated model on the hub: accept its terms on its hub page and "
+                          f"log in (hf auth login / HF_TOKEN), or {fix}") from None
+    except (hf_errors.RepositoryNotFoundError,) as e:
+        raise ConfigError(f"{what} {model_id!r}: no such local directory, and no model of that id on the hub (or "
+                          f"a private one: log in with hf auth login / HF_TOKEN)") from None
+    except (hf_errors.EntryNotFoundError,) as e:
+        raise ConfigError(f"{what} {model_id!r}: the hub repository has no config.json: not a transformers "
+                          f"model") from None
+    except Exception as e:  # no network, DNS, timeout, proxy, server error
+        text = f"{type(e).__name__}: {e}".strip()
+        if len(text) > 200:
+            text = text[:200] + " ..."
+        raise ConfigError(f"{what} {model_id!r}: not a local directory and not in the local hub cache, and the "
+                          f"Hugging Face hub is unreachable ({text}): {fix}") from None

@@ -8,6 +8,8 @@ A local dataset ``path`` may be:
   by ``split``, ``a+b`` concatenates);
 - a directory of such files: with a ``<split>/`` sub-directory (EntityQuestions' ``dataset/train/P17.train.json``
   layout) that sub-directory is read, otherwise every data file below the directory, in sorted path order;
+  where the files' names carry their splits (``P19.train.json`` beside ``P19.dev.json``), only the split's
+  files are read (a folder of several splits whose files do not all name theirs is refused);
 - a glob pattern (``data/*.jsonl``).
 
 Rows come back as ``(origin, row, record)``: the file (or directory and split) and the 1-based row number
@@ -30,14 +32,28 @@ def read_records(path: str) -> List[Dict[str, Any]]:
     """Records from a .json (a list, or {"data": [...]}) or .jsonl file."""
     if not os.path.exists(path):
         raise DataError(f"dataset file not found: {path}")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a directory where a data file was expected")
+    if path.endswith((".jsonl", ".json")) and os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes): no records to read")
     if path.endswith(".jsonl"):
-        return [rec for _, rec in iter_jsonl(path)]
+        records = [rec for _, rec in iter_jsonl(path)]
+        if not records:
+            raise DataError(f"{path}: the file holds only blank lines: no records to read")
+        return records
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+        if not text.strip():
+            raise DataError(f"{path}: the file holds only whitespace: no records to read")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data" and _is_json_lines(text):
+                raise DataError(f"{path}: holds one JSON object per line (JSON Lines), not one JSON document: "
+                                f"rename it to {os.path.splitext(os.path.basename(path))[0]}.jsonl") from None
+            line, col = _fault_position(text, e)
+            raise DataError(f"{path}:{line}: malformed JSON: {json_fault(text, e)}") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -52,17 +68,58 @@ def iter_jsonl(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """(line number, record) for every non-blank line of a .jsonl file; a bad line is a DataError naming it."""
     if not os.path.exists(path):
         raise DataError(f"dataset file not found: {path}")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            except json.JSONDecodeError:
+                # decoded again without the line break, so that a value missing at the end of the line is
+                # reported there, not at "line 2 column 1" of the line
+                text = line.rstrip("\r\n")
+                try:
+                    json.loads(text)
+                    raise DataError(f"{path}:{lineno}: malformed JSON line") from None
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON line: {json_fault(text, e, False)}") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
             yield lineno, rec
+
+
+def _is_json_lines(text: str) -> bool:
+    try:
+        return all(isinstance(json.loads(line), dict) for line in text.splitlines() if line.strip())
+    except json.JSONDecodeError:
+        return False
+
+
+def _fault_position(text: str, e: json.JSONDecodeError) -> Tuple[int, int]:
+    """Where the fault is: the decoder's position, or, when it stopped at what follows a trailing comma or
+    at the start of a line after one (``[{...},\n]``), the comma itself."""
+    pos = e.pos
+    if e.msg.startswith(("Expecting value", "Expecting property name")):
+        back = pos - 1
+        while back >= 0 and text[back] in " \t\r\n":
+            back -= 1
+        if back >= 0 and text[back] == "," and pos < len(text) and text[pos] in "]}":
+            pos = back
+    line = text.count("\n", 0, pos) + 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return line, col
+
+
+def json_fault(text: str, e: json.JSONDecodeError, with_line: bool = True) -> str:
+    """The decoder's complaint at the fault's line and column, with the text there and a caret under it."""
+    line, col = _fault_position(text, e)
+    what = "trailing comma (nothing follows it)" if _fault_position(text, e) != (e.lineno, e.colno) else e.msg
+    lines = text.splitlines()
+    src = lines[line - 1] if line <= len(lines) else ""
+    start = max(0, col - 40)
+    snippet = src[start:col + 30]
+    at = f"line {line} column {col}" if with_line else f"column {col}"
+    return f"{what} at {at}:\n    {snippet}\n    {' ' * (col - 1 - start)}^"
 
 
 def read_parquet(path: str) -> List[Dict[str, Any]]:
@@ -115,7 +172,48 @@ def data_files(path: str, split: Optional[str] = None, exclude: Sequence[str] = 
     if not files:
         raise DataError(f"{path}: no .json, .jsonl or .parquet files in this directory"
                         + (f" (looked in {root})" if root != path else ""))
-    return files
+    return select_split_files(files, root, split)
+
+
+# split names a file name may carry: P19.train.json, P19.dev.json, train.jsonl, test-00000-of-00001.parquet
+SPLIT_NAMES = ("train", "dev", "test", "validation", "valid", "val", "eval")
+
+
+def file_split(path: str) -> Optional[str]:
+    """The split a data file's name names (``P19.dev.json`` -> dev, ``train.jsonl`` -> train), or None."""
+    name = os.path.basename(path)
+    for ext in DATA_EXTS:
+        if name.endswith(ext):
+            name = name[:-len(ext)]
+    parts = name.split(".")
+    for token in (parts[-1], parts[0].split("-")[0]) if len(parts) > 1 else (parts[0].split("-")[0],):
+        if token.lower() in SPLIT_NAMES:
+            return token.lower()
+    return None
+
+
+def select_split_files(files: List[str], root: str, split: Optional[str]) -> List[str]:
+    """The files of ``split`` when the files name their splits (``P19.train.json`` beside ``P19.dev.json``):
+    a folder holding several splits side by side is never read as all of them at once. A folder whose files
+    name one split (or none) is read whole, as before; one where the split of some files cannot be told
+    beside files of several splits is refused."""
+    splits = {f: file_split(f) for f in files}
+    named = sorted({s for s in splits.values() if s})
+    if len(named) < 2:
+        return files
+    unnamed = [f for f, s in splits.items() if s is None]
+    if unnamed:
+        raise DataError(f"{root}: files of several splits ({', '.join(named)}) side by side with files whose split "
+                        f"cannot be told from their name (e.g. {os.path.relpath(unnamed[0], root)}): put each "
+                        f"split's files in a folder of its own (train/, dev/, test/) or name them NAME.SPLIT.json")
+    if not split:
+        raise DataError(f"{root}: holds files of several splits ({', '.join(named)}): choose one with split:")
+    want = [p.strip().lower() for p in split.split("+")]
+    missing = [p for p in want if p not in named]
+    if missing:
+        raise DataError(f"{root}: no {missing[0]!r} files (the file names name the splits {', '.join(named)}); "
+                        f"choose one with split:")
+    return [f for f in files if splits[f] in want]
 
 
 def _saved_dataset_rows(path: str, split: Optional[str], default_split: Optional[str]) -> Iterator[Row]:
