@@ -26,7 +26,8 @@ def init() -> None:
     """Initialise torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPU)."""
     if tdist.is_available() and tdist.is_initialized():
         return
-    if "RANK" not in os.environ:
+    own_port = "RANK" not in os.environ
+    if own_port:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     import deepspeed
@@ -43,12 +44,19 @@ def init() -> None:
     import io
 
     out = io.StringIO()
-    try:   # DeepSpeed prints "... built successfully" for its CPU op on every rank of every run
-        with contextlib.redirect_stdout(out):
-            deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    except BaseException:
-        print(out.getvalue(), end="")
-        raise
+    for attempt in range(5):
+        try:   # DeepSpeed prints "... built successfully" for its CPU op on every rank of every run
+            with contextlib.redirect_stdout(out):
+                deepspeed.init_distributed(dist_backend=backend, verbose=False)
+            break
+        except BaseException as e:
+            # a one-process run picks a free port and binds it a moment later: another process (a concurrent
+            # shard of the same recipe, say) can take it in between; pick another
+            if own_port and attempt < 4 and "EADDRINUSE" in str(e):
+                os.environ["MASTER_PORT"] = str(_free_port())
+                continue
+            print(out.getvalue(), end="")
+            raise
     for line in out.getvalue().splitlines():
         if line.strip() and "built successfully" not in line:
             print(line)
