@@ -47,3 +47,24 @@ def test_two_shards_at_once_into_one_output_dir_report_as_one_run(tmp_path, tiny
     assert rows["sharded"] == rows["seq"]
     bad = run_cli([sys.executable, "launch/pipeline.py", "-c", str(recipe), "--shard", "2/2", "--dry-run"])
     assert bad.returncode == 2 and "I must be in 0..N-1" in bad.stderr
+
+
+def test_one_process_init_takes_another_port_when_its_free_port_was_taken():
+    """Concurrent one-process runs each pick a free port and bind it a moment later: one that lost its port to
+    another process picks another instead of failing (EADDRINUSE)."""
+    code = """
+import socket
+from remix_ds import dist
+taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()
+ports = [taken.getsockname()[1]]
+real = dist._free_port
+def first_taken():
+    return ports.pop() if ports else real()
+dist._free_port = first_taken
+dist.init()
+import torch.distributed as tdist
+print("ok", tdist.get_world_size(), not ports)
+"""
+    res = run_cli([sys.executable, "-c", code], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("ok 1 True"), res.stdout
