@@ -186,6 +186,39 @@ def stored_results(recipe: Recipe, variant: Variant) -> Optional[List[Dict[str, 
     return results
 
 
+def identical_stage(recipe: Recipe, variant: Variant, k: int, h: str) -> Optional[Path]:
+    """Another variant's complete stage k with this stage's fingerprint (the same stage and the same earlier
+    stages, data and settings), if any: a grid whose variants share stage 1 (the paper's stage-2 grid: one D_A,
+    eight D_B) trains it once."""
+    for other in recipe.variants:
+        if other.name == variant.name or len(other.stages) < k:
+            continue
+        d = stage_dir(recipe, other, k)
+        done = read_done(d)
+        if done and done.get("hash") == h and is_complete(recipe, other, k, h):
+            return d
+    return None
+
+
+def reuse_stage(src: Path, dst: Path) -> None:
+    """A complete stage directory copied to another variant's place: files hard-linked where the file system
+    allows (no second copy of the weights), the checkpoints left out, DONE.json written last."""
+    import shutil
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=link, ignore=shutil.ignore_patterns("checkpoints", "DONE.json", "*.tmp-*"))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    shutil.copy2(src / "DONE.json", dst / "DONE.json")
+
+
 def run_stage(recipe: Recipe, variant: Variant, k: int, evaluate: bool = True) -> Dict[str, Any]:
     """Train stage k of a variant unless its complete output exists, then evaluate it."""
     if k > 1 and not dist.broadcast_object(is_complete(recipe, variant, k - 1)):
@@ -197,6 +230,14 @@ def run_stage(recipe: Recipe, variant: Variant, k: int, evaluate: bool = True) -
         raise ConfigError(f"variant {variant.name}: stage{k - 1} has no complete output in {prev}; "
                           f"run stage{k - 1} first")
     h = stage_hash(fingerprint(recipe, variant, k))   # once: the fingerprint loads the data of stages 1..k
+    if not dist.broadcast_object(is_complete(recipe, variant, k, h)):
+        donor = identical_stage(recipe, variant, k, h) if dist.is_main() else None
+        if dist.broadcast_object(donor is not None):
+            if dist.is_main():
+                reuse_stage(donor, stage_dir(recipe, variant, k))
+                log.info("%s/stage%d: the same stage (same fingerprint) is complete in %s: reused, not retrained",
+                         variant.name, k, donor)
+            dist.barrier()
     if dist.broadcast_object(is_complete(recipe, variant, k, h)):
         if dist.is_main():
             log.info("%s/stage%d: complete output found, not retraining", variant.name, k)
@@ -269,6 +310,7 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
     yet); and whether its evaluation is cached. A stage after one that will (re)train is itself retrained."""
     scorer = check_scorer(getattr(recipe.eval, "scorer", "generate"))
     rows = []
+    trained: Dict[Any, str] = {}   # (stage, hash) -> the variant whose run trains it first
     for v in variants:
         upstream_changes = False
         for k in stages or range(1, recipe.num_stages + 1):
@@ -288,7 +330,13 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
                         tag = latest_checkpoint(d / "checkpoints", h, checkpoint_layout(recipe, spec, dist.world_size()))
                 except ConfigError as e:
                     tag = f"? ({e})"
-                if tag:
+                donor = identical_stage(recipe, v, k, h) if first_change else None
+                if donor is not None:
+                    action, why = "reuse", f"the same stage is complete in {donor}"
+                    upstream_changes = False
+                elif (k, h) in trained:
+                    action, why = "reuse", f"the same stage as {trained[(k, h)]}/stage{k}, trained before it"
+                elif tag:
                     action, why = "resume", f"from checkpoint {tag}"
                 elif read_done(d):
                     change = config_change(recipe, v, k) or "no record of the earlier config"
@@ -297,6 +345,8 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
                     action, why = "retrain", change
                 else:
                     action, why = "train", "no output yet"
+                if action != "reuse":
+                    trained.setdefault((k, h), v.name)
                 evaluation = "to score: " + ", ".join(eval_keys(recipe, v, k))
             rows.append({"variant": v.name, "stage": k, "action": action, "why": why, "evaluation": evaluation,
                          "dir": str(d)})

@@ -68,3 +68,33 @@ print("ok", tdist.get_world_size(), not ports)
     res = run_cli([sys.executable, "-c", code], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().endswith("ok 1 True"), res.stdout
+
+
+def test_variants_that_share_a_stage_train_it_once(tmp_path, tiny_dir):
+    """The paper's stage-2 grid: one stage 1, many D_B. A variant whose stage 1 has the fingerprint of another
+    variant's complete stage 1 takes that output (hard links, not a second training); its stage 2 trains."""
+    body = """eval: {{batch_size: 16, scorer: teacher-forced}}
+stage1: {{data: A, finetune: full, stop: fixed, epochs: 2, lr: 2.0e-3, global_batch_size: 8, track: false}}
+stage2: {{data: B, finetune: full, stop: fixed, epochs: 1, lr: 2.0e-3, global_batch_size: 8, track: false}}
+variants:
+  - name: b1
+  - name: b2
+    stage2: {{lr: 1.0e-3}}
+"""
+    recipe = write_recipe(tmp_path / "r.yaml", (TINY_AB_HEADER + body).format(name="reuse", out=tmp_path / "o"))
+    dry = run_cli([sys.executable, "launch/pipeline.py", "-c", str(recipe), "--dry-run"])
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "| b2 | 1 | reuse | the same stage as b1/stage1, trained before it |" in dry.stdout, dry.stdout
+    assert "| b2 | 2 | train |" in dry.stdout
+    res = run_cli([sys.executable, "launch/pipeline.py", "-c", str(recipe)], timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "b2/stage1: the same stage (same fingerprint) is complete" in res.stderr
+    s1 = [tmp_path / "o" / v / "stage1" for v in ("b1", "b2")]
+    assert json.load(open(s1[0] / "DONE.json")) == json.load(open(s1[1] / "DONE.json"))
+    weights = [next((d / "model").glob("*.safetensors")) for d in s1]
+    assert os.stat(weights[0]).st_ino == os.stat(weights[1]).st_ino   # one copy on disk
+    s2 = [json.load(open(tmp_path / "o" / v / "stage2" / "DONE.json"))["hash"] for v in ("b1", "b2")]
+    assert s2[0] != s2[1]
+    report = json.load(open(tmp_path / "o" / "report.json"))
+    a1 = [r["acc_A_after_stage1"] for r in report["variants"]]
+    assert a1[0] == a1[1] is not None
