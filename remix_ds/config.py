@@ -471,6 +471,9 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
             if isinstance(block, dict):
                 for key, value in STUDY_DATASET_DEFAULTS.items():
                     block.setdefault(key, value)
+        if isinstance(raw.setdefault("eval", {}), dict):
+            for key, value in STUDY_EVAL_DEFAULTS.items():
+                raw["eval"].setdefault(key, value)
     datasets_raw = raw.pop("datasets")
     if not isinstance(datasets_raw, dict) or not datasets_raw:
         raise ConfigError(f"{where}: datasets must be a non-empty mapping name -> {{source: ...}}")
@@ -527,6 +530,8 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
 # recipe leaves out (study_except: [defaults] keeps remix_ds's defaults)
 STUDY_RECIPE_DEFAULTS = {"seed": 0, "max_seq_length": 2048}
 STUDY_DATASET_DEFAULTS = {"overlong": "drop"}   # the study's encoder skips over-long examples (sft.py)
+# run_eval.py: greedy generation of at most 1000 new tokens (it stops at EOS), batches of 20
+STUDY_EVAL_DEFAULTS = {"max_new_tokens": 1000, "batch_size": 20}
 STUDY_STAGE_DEFAULTS = {"epochs": 20, "lr": 5e-5, "global_batch_size": 32, "warmup_ratio": 0.05,
                         "weight_decay": 0.0, "grad_clip": 1.0, "betas": [0.9, 0.95]}
 STUDY_MIX_RATIO = 2.0

@@ -138,7 +138,8 @@ def eval_after_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] 
     todo = dist.broadcast_object(todo)
     if todo:
         path, adapters = stage_output(recipe, variant, k)
-        dtype = torch_dtype(resolve_precision(recipe.precision))
+        # the study's run_eval.py loads the model without a dtype: fp32 (transformers 4.46's default)
+        dtype = torch.float32 if recipe.follows_study("precision") else torch_dtype(resolve_precision(recipe.precision))
         model = load_for_eval(path, dtype, dist.device(), adapters=adapters)
         tok = load_tokenizer(path)
         for key in todo:

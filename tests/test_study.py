@@ -113,6 +113,7 @@ def test_study_defaults_are_the_scripts_settings(tmp_path):
 
     r = _recipe(tmp_path, STUDY_GRID.format(out=tmp_path / "out"))
     assert (r.seed, r.max_seq_length) == (0, 2048)
+    assert (r.eval.max_new_tokens, r.eval.batch_size) == (1000, 20)   # run_eval.py's generation
     assert all(ds.overlong == "drop" for ds in r.datasets.values())
     for v in r.variants[:3]:
         d_a = r.datasets[v.stages[0].data].source
