@@ -1,4 +1,4 @@
-"""``semantics: study`` on the data side (docs/fidelity_data.md), each rule checked against a few-line
+"""``semantics: study`` on the data side (docs/fidelity.md), each rule checked against a few-line
 re-implementation of the study's released code (/work/study: src/datasets.py, src/core/data/sft.py,
 scripts/run_stage2.sh) written here, and the default ``semantics: remix`` checked unchanged. No training:
 only a tokenizer (the tiny model's, trained in seconds) and the offline fixtures."""
