@@ -35,7 +35,7 @@ datasets:
 eval: {{batch_size: 64}}
 stage1: {{data: A, finetune: full, stop: loss, epochs: {epochs}, lr: {lr}, global_batch_size: 16, warmup_ratio: 0.05,
           betas: [0.9, 0.95], track: true}}
-stage2: {{data: B, finetune: full, stop: fixed, epochs: {epochs2}, lr: {lr}, global_batch_size: 16, warmup_ratio: 0.05,
+stage2: {{data: B, finetune: full, stop: fixed, epochs: {epochs2}, lr: {lr2}, global_batch_size: 16, warmup_ratio: 0.05,
           betas: [0.9, 0.95], track: true}}
 """
 
@@ -43,8 +43,11 @@ RUNS = [("remix", "semantics: remix"),
         ("study", "semantics: study"),
         ("study-except-stopping", "semantics: study\nstudy_except: [stopping]"),
         ("study-except-padding", "semantics: study\nstudy_except: [padding]"),
-        ("study-except-precision", "semantics: study\nstudy_except: [precision]"),
-        ("study-except-order", "semantics: study\nstudy_except: [order]")]
+        ("study-except-order", "semantics: study\nstudy_except: [order]"),
+        # with fp32 weights the loss can reach the 1e-4 threshold on the tiny model: the stopping and padding items
+        ("study-fp32", "semantics: study\nstudy_except: [precision]"),
+        ("study-fp32-except-stopping", "semantics: study\nstudy_except: [precision, stopping]"),
+        ("study-fp32-except-padding", "semantics: study\nstudy_except: [precision, padding]")]
 
 
 def main() -> int:
@@ -54,6 +57,7 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=60, help="stage 1's most epochs (the loss rule stops it earlier)")
     p.add_argument("--epochs2", type=int, default=10)
+    p.add_argument("--lr2", type=float, default=None, help="stage 2's lr (default: --lr)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +65,7 @@ def main() -> int:
     for name, semantics in RUNS:
         path = out / f"{name}.yaml"
         path.write_text(RECIPE.format(name=name, out=out / name, semantics=semantics, lr=args.lr,
+                                      lr2=args.lr if args.lr2 is None else args.lr2,
                                       epochs=args.epochs, epochs2=args.epochs2))
         t0 = time.time()
         res = subprocess.run([sys.executable, str(REPO / "launch" / "pipeline.py"), "--config", str(path)],

@@ -291,7 +291,9 @@ def throughput(real: int, ran: float, seconds: float) -> Dict[str, Any]:
 
 
 def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: int, pad: int,
-                pack: int = 0, count: Optional[TokenCount] = None) -> torch.Tensor:
+                pack: int = 0, count: Optional[TokenCount] = None,
+                collate_fn: Optional[Callable[[List[Encoded]], Dict[str, torch.Tensor]]] = None,
+                labelled: Optional[Callable[[Encoded], int]] = None) -> torch.Tensor:
     """One optimizer step on one global batch (every rank passes the same `chunk`).
 
     The loss is the mean over all answer tokens of the global batch: each micro-batch's token-loss
@@ -299,11 +301,14 @@ def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: i
     sum/N exactly. With `pack` > 0 each micro-batch is packed into rows of at most `pack` tokens, every
     example attending only to itself (the same losses, far less padding). Returns this rank's unscaled
     token-loss sum (detached, on device). `count`, if given, adds the token positions this rank ran.
+    `collate_fn` / `labelled` replace the padded collation and the count of an example's trained positions (the
+    study's EOS-labelled padding with remix_ds's order: ``study_except: [order]``).
     """
     # on a GPU, batch widths round up to a multiple of 8 (formatting.train_width): fewer distinct shapes
     multiple = WIDTH_MULTIPLE_CUDA if eng.device.type == "cuda" else 1
     make = (lambda mb: collate_packed(mb, pad, pack, multiple)) if pack else (lambda mb: collate(mb, pad, multiple=multiple))
-    n_tok = sum(e.num_answer_tokens for e in chunk)
+    make = collate_fn or make
+    n_tok = sum(labelled(e) for e in chunk) if labelled else sum(e.num_answer_tokens for e in chunk)
     slots = split_global_batch(chunk, world * gas, by_tokens=bool(pack))
     scale = world * gas / n_tok
     local = torch.zeros((), dtype=torch.float64, device=eng.device)
@@ -514,6 +519,9 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
                           f"{world} ranks (the study's loader drops a short last batch); lower global_batch_size")
     width = study.pad_width(enc) if study_pad else 0
     eos = tok.eos_token_id
+    # the study's padding with remix_ds's order (study_except: [order]): EOS-labelled padding to `width`
+    study_make = (lambda mb: study.collate(mb, eos, width)) if width and plan is None else None
+    study_count = (lambda e: study.labelled_count(e, width)) if study_make else None
     # rows of at most this many tokens (0: padding); the study's batches are padded
     pack = recipe.max_seq_length if packs(spec.packing) and not (study_order or study_pad) else 0
     steps_per_epoch = len(plan) if plan is not None else math.ceil(len(enc) / G)
@@ -612,8 +620,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
         for s in range(state["s"] if epoch == state["epoch"] else 0, steps_per_epoch):
             if plan is None:
                 chunk = [enc[i] for i in order[s * G:(s + 1) * G]]
-                window_loss += global_step(eng, chunk, world, gas, rank, pad, pack, ran)
-                window_tokens += sum(e.num_answer_tokens for e in chunk)
+                window_loss += global_step(eng, chunk, world, gas, rank, pad, pack, ran, study_make, study_count)
+                window_tokens += sum(study_count(e) if study_count else e.num_answer_tokens for e in chunk)
             else:
                 slots = [[enc[i] for i in slot] for slot in plan[s]]
                 chunk = [e for slot in slots for e in slot]
@@ -646,7 +654,8 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
                 t_win = time.time()
                 if study_stop:   # the study's rule on its step loss: the last micro-batch's, averaged over ranks
                     counter = study.StopCounter(spec.loss_threshold, spec.loss_patience, below)
-                    stop_now = counter.update(last_sum / world)
+                    # (remix_ds's order, study_except: [order]: the step's loss over its trained positions)
+                    stop_now = counter.update(last_sum / world if plan is not None else last_loss)
                     below = counter.count
                     if stop_now:
                         stopped_by = "loss"

@@ -71,6 +71,12 @@ def collate(batch: Sequence[Encoded], eos_id: int, width: int) -> Dict[str, torc
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+def labelled_count(e: Encoded, width: int) -> int:
+    """The positions of one example padded by ``collate`` to `width` that the loss averages over: its trained
+    answer tokens (the label at position 0 is never predicted) and every padding position (EOS after EOS)."""
+    return sum(1 for t in e.labels[1:] if t != -100) + width - len(e.input_ids)
+
+
 def labelled_positions(batch: Dict[str, torch.Tensor]) -> int:
     """The positions whose next token the Hugging Face loss averages over (labels shifted by one, not -100)."""
     return int((batch["labels"][:, 1:] != -100).sum())

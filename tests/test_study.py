@@ -345,3 +345,24 @@ def test_pure_bf16_steps_bf16_weights_with_bf16_adam_states(tiny_dir, one_thread
     differ = sum(int((ours[k].float() != study[k].float()).sum()) for k in start)
     assert differ <= 0.01 * total, (differ, total)
     assert changed(masters) > 3 * changed(study), (changed(masters), changed(study), total)
+
+
+def test_labelled_count_is_what_the_padded_batch_trains():
+    from remix_ds.data.formatting import Encoded
+    from remix_ds.study import collate, labelled_count, labelled_positions
+
+    batch = [Encoded([1, 5, 6, 7, 2], [-100, -100, 6, 7, 2], 0), Encoded([1, 8, 2], [-100, -100, 2], 1)]
+    assert labelled_count(batch[0], 9) + labelled_count(batch[1], 9) == labelled_positions(collate(batch, 2, 9)) \
+        == (3 + 4) + (1 + 6)
+
+
+def test_study_stopping_with_remix_order_reads_the_steps_loss(tmp_path, tiny_dir):
+    """study_except: [order] (remix_ds's batches) with the study's stopping: the counter reads each step's loss
+    (far above 1e-4 in three epochs of the tiny model), so the stage runs its epochs."""
+    out = tmp_path / "run"
+    text = STAGE_RECIPE.format(out=out).replace("log_every: 1,", "log_every: 1, stop: loss, loss_patience: 4,") + "study_except: [order]\n"
+    path = write_recipe(tmp_path / "r.yaml", text)
+    res = run_cli([sys.executable, "launch/stage1.py", "--config", str(path)], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    done = json.load(open(out / "default" / "stage1" / "DONE.json"))["summary"]
+    assert done["stopped_by"] == "epochs" and done["epochs"] == 3 and done["final_loss"] > 0.01
