@@ -455,7 +455,7 @@ def plot_forgetting(report: Dict[str, Any], curves: Dict[str, Dict[str, Any]], p
         for b, v in zip(bars, vals):
             ax.annotate("n/a" if v is None else f"{v:.2f}", (b.get_x() + b.get_width() / 2, max(b.get_height(), 0)),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points", color=c)
-    ax.axhline(0, color="black", lw=0.6)
+    ax.axhline(0, color="black", lw=0.6, zorder=0)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["name"] for r in rows], rotation=25 if len(rows) > 3 else 0,
                        ha="right" if len(rows) > 3 else "center", fontsize=8)

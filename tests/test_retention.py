@@ -199,7 +199,7 @@ def test_pipeline_reports_probe_and_text_retention_checked_independently(tmp_pat
     # a probe file of 6 facts the tiny model was pretrained on (kvr part P, seed 0) and 6 it never saw
     probe = [{"prompt": e.prompt, "answer": e.answer} for e in kvr_examples(6, 0, "P") + kvr_examples(6, 99, "A")]
     (tmp_path / "probe.jsonl").write_text("".join(json.dumps(x) + "\n" for x in probe))
-    words = "the river ran past old mill where farmers brought grain each autumn before".split()
+    words = "the river ran past old mill where farmers brought grain each autumn".split()
     passages = [" ".join(words[i:] + words[:i]) for i in range(0, 12, 3)]          # 4 passages of 12 words
     (tmp_path / "text.txt").write_text("\n\n".join(passages) + "\n")
     out = tmp_path / "run"
