@@ -220,7 +220,7 @@ variants:
     js = json.loads((out / "report.json").read_text())
     assert (out / "forgetting.png").read_bytes()[:8] == PNG
     assert [v["name"] for v in js["variants"]] == ["full", "lora"]
-    assert "| lora | lora(r=4) | lora(r=4) | none | none |" in md
+    assert "| lora | lora(r=4) → lora(r=4) | none |" in md
     for v in js["variants"]:
         assert v["acc_A_after_stage1"] is not None and v["acc_B_after_stage2"] is not None
         assert v["forgetting"] == pytest.approx(v["acc_A_after_stage1"] - v["acc_A_after_stage2"])
