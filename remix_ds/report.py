@@ -114,7 +114,7 @@ def compact_columns(report: Dict[str, Any]) -> List[Tuple[str, Any]]:
         cols.append((f"{name} loss (base, {', '.join(f's{k}' for k in ks)})", ret(name)))
     cols.append(("epochs " + _stages(ks), lambda r: _tuple([r.get(f"epochs_stage{k}") for k in ks])))
     cols.append(("train s " + _stages(ks), lambda r: _tuple(
-        [r.get(f"train_seconds_stage{k}") for k in ks], lambda v: "-" if v is None else f"{v:.0f}")))
+        [r.get(f"train_seconds_stage{k}") for k in ks], lambda v: "-" if v is None else f"{v:.0f}" if v >= 10 else f"{v:.1f}")))
     return cols
 
 

@@ -108,7 +108,7 @@ def test_write_report_table_words_and_figure(tmp_path):
     # the compact table: every variant, mode s1 → s2, mixing, accuracies, forgetting, epochs and wall time as tuples
     assert ("| name | mode | mix (s1) | D_A after s1 | D_A after s2 | D_B (s2) | forgetting | epochs (s1, s2) | "
             "train s (s1, s2) |") in md
-    assert "| full-mix | full → full | random-words:1 | 1.000 | 0.800 | 0.880 | 0.200 | 5, 3 | 10, 4 |" in md
+    assert "| full-mix | full → full | random-words:1 | 1.000 | 0.800 | 0.880 | 0.200 | 5, 3 | 10, 4.0 |" in md
     # the long form: every column in report.json
     for col in ("finetune_stage1", "mix_stage1", "acc_A_after_stage1", "acc_A_after_stage2", "acc_B_after_stage2",
                 "forgetting", "epochs_stage2", "train_seconds_stage2", "tokens_per_s_stage2"):
