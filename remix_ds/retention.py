@@ -378,7 +378,8 @@ def probe_sets(recipe: Recipe, base: Optional[LazyModel] = None) -> Dict[str, Di
         key = {"pool": examples_key(pool), "model": base_hash(recipe), "scorer": recipe.retention.scorer,
                "version": VERSION}
         counts = _read(d / "counts.json")
-        if counts and counts.get("retention_key") == key and (d / "known.jsonl").is_file():
+        # rank 0 decides: another rank must not find the file rank 0 has just written and skip the collectives
+        if dist.broadcast_object(bool(counts and counts.get("retention_key") == key and (d / "known.jsonl").is_file())):
             examples = _read_known(d / "known.jsonl")
         else:
             own = base is None
@@ -412,7 +413,7 @@ def score_model(recipe: Recipe, out_dir: Path, h: str, loader: LazyModel,
                "max_seq_length": recipe.max_seq_length if is_text else None}
         fname = out_dir / f"{name.replace(':', '_')}.json"
         prev = _read(fname)
-        if prev and prev.get("key") == key:
+        if dist.broadcast_object(bool(prev and prev.get("key") == key)):
             results[name] = prev
             continue
         model, tok = loader.get()
@@ -462,7 +463,7 @@ def base_results(recipe: Recipe) -> Dict[str, Any]:
         ck = {"hash": h, "data": examples_key(examples), "scorer": scorer, "batch_size": recipe.eval.batch_size,
               "max_new_tokens": recipe.eval.max_new_tokens, "metrics_version": METRICS_VERSION}
         prev = _read(d / "eval" / f"{key}.json")
-        if prev and prev.get("key") == ck:
+        if dist.broadcast_object(bool(prev and prev.get("key") == ck)):
             ev[key] = prev
             continue
         model, tok = loader.get()
