@@ -371,8 +371,10 @@ def probe_sets(recipe: Recipe, base: Optional[LazyModel] = None) -> Dict[str, Di
     out: Dict[str, Dict[str, Any]] = {}
     for p in probe_defs(recipe):
         pool = pool_examples(recipe, p)
-        if not p.known:
-            out[p.name] = {"examples": pool, "what": p.describe(), "pool": len(pool)}
+        if not p.known or not pool:
+            if not pool:
+                log.warning("retention probe %s: no example to put to the base model", p.name)
+            out[p.name] = {"examples": pool if not p.known else [], "what": p.describe(), "pool": len(pool)}
             continue
         d = Path(recipe.output_dir) / DIR / "known" / p.name
         key = {"pool": examples_key(pool), "model": base_hash(recipe), "scorer": recipe.retention.scorer,
