@@ -265,3 +265,33 @@ variants:
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "full/stage1: complete output found" in r2.stderr and "full/stage2: complete output found" in r2.stderr
     assert "known-Q" not in (out / "report.md").read_text()
+
+
+def test_held_out_text_is_disjoint_from_what_mixing_trains_on(tmp_path):
+    """text: auto takes the mixing sources' passages that no stage mixes in."""
+    from pathlib import Path
+
+    from remix_ds.data import stage_train_set
+    from remix_ds.retention import text_sets
+
+    fineweb = str(Path(__file__).parent / "fixtures" / "hub" / "fineweb" / "train.jsonl")
+    r = recipe_from_dict({"name": "t", "output_dir": str(tmp_path), "model": "tiny",
+                          "datasets": {"A": {"source": "kvr", "num_examples": 4}},
+                          "stage1": {"data": "A", "mix": {"source": "fineweb", "path": fineweb, "ratio": 1.0,
+                                                          "prompt_words": 10, "target_words": 10}},
+                          "variants": [{"name": "fw"}, {"name": "rw", "stage1": {"mix": {
+                              "source": "random-words", "ratio": 1.0, "prompt_words": 4, "target_words": 4}}}],
+                          "retention": {"text_passages": 20, "text_words": 20}})
+    sets = text_sets(r)
+    assert list(sets) == ["text:fineweb", "text:random-words"]
+    mixed = [ex.prompt.split("\n\n", 1)[1].split()[:10] for ex in stage_train_set(r, r.variants[0].stages[0], 1)[1]
+             if ex.role == "mix"]
+    assert len(mixed) == 4
+    docs = [json.loads(line)["text"].split() for line in open(fineweb)]
+    held = [t.split() for t in sets["text:fineweb"]["texts"]]
+    # every one of the 12 documents has >= 20 words; 4 of them are mixed in: the other 8 are held out, none mixed
+    assert len(held) == 8 and all(len(t) == 20 for t in held)
+    assert not any(t[:10] == m for t in held for m in mixed)
+    assert all(any(d[:20] == t for d in docs) for t in held)
+    rw = sets["text:random-words"]["texts"]
+    assert len(rw) == 20 and all(len(t.split()) == 20 for t in rw)
