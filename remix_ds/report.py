@@ -409,6 +409,7 @@ def epoch_curves(output_dir: str, row: Dict[str, Any], num_stages: int) -> Optio
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
 STYLES = ["-", "--", ":", "-."]
+SETTLED = 0.05   # the stage-2 panel's x-axis ends 2 epochs after the last one where a curve is this far from its end
 
 
 def _settled(xs: List[float], series: List[List[Optional[float]]], tol: float = 0.01) -> Optional[float]:
@@ -512,12 +513,12 @@ def plot_forgetting(report: Dict[str, Any], curves: Dict[str, Dict[str, Any]], p
             if c and c["later"]["series"]:
                 for ys in c["later"]["series"].values():
                     by_series.append((c["later"]["epoch"], ys))
-        last = max((_settled(xs, [ys]) or 0.0) for xs, ys in by_series)
+        last = max((_settled(xs, [ys], SETTLED) or 0.0) for xs, ys in by_series)
         cut = min(xmax, max(3.0, last + 2.0))
         if n == 2 and cut < xmax:
             cx.set_xlim(-0.3, cut + 0.3)
-            cx.set_xlabel(f"epoch from the end of stage 1 (cut at {cut:g}: nothing changes after; stage 2 ran to "
-                          f"{xmax:g})", fontsize=8)
+            cx.set_xlabel(f"epoch from the end of stage 1 (shown to {cut:g}: no curve moves by more than "
+                          f"{SETTLED:g} after; stage 2 ran to {xmax:g})", fontsize=8)
         else:
             cx.set_xlabel("epoch from the end of stage 1", fontsize=9)
         cx.axvline(0, color="black", lw=0.8)

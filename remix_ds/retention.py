@@ -60,10 +60,9 @@ class ProbeDef:
     pool: bool           # auto: the source's examples beyond the recipe's own (else the dataset as defined)
 
     def describe(self, n_pool: Optional[int] = None) -> str:
-        what = (f"examples of dataset {self.data}'s source beyond the recipe's own" if self.pool
-                else f"dataset {self.data}")
-        return (f"the base model's known split of {n_pool or ''} {what}".replace("  ", " ") if self.known
-                else what)
+        what = (f"{n_pool} examples of dataset {self.data}'s source beyond the recipe's own" if self.pool
+                else f"dataset {self.data}" + (f" ({n_pool} examples)" if n_pool is not None else ""))
+        return f"the base model's known split of {what}" if self.known else what
 
 
 def probe_defs(recipe: Recipe) -> List[ProbeDef]:
@@ -416,7 +415,7 @@ def score_model(recipe: Recipe, out_dir: Path, h: str, loader: LazyModel,
         fname = out_dir / f"{name.replace(':', '_')}.json"
         prev = _read(fname)
         if dist.broadcast_object(bool(prev and prev.get("key") == key)):
-            results[name] = prev
+            results[name] = dict(prev or {}, what=pset["what"])   # the description as this version words it
             continue
         model, tok = loader.get()
         if is_text:
