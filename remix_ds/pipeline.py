@@ -355,6 +355,8 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
     checkpoint of this config), ``retrain`` (an output of another config: what changed) or ``train`` (none
     yet); and whether its evaluation is cached. A stage after one that will (re)train is itself retrained."""
     scorer = check_scorer(getattr(recipe.eval, "scorer", "generate"))
+    ret_names = ([p.name for p in retention.probe_defs(recipe)] + list(retention.text_sets(recipe))
+                 if retention.enabled(recipe) else [])
     rows = []
     for v in variants:
         upstream_changes = False
@@ -365,6 +367,7 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
                 action, why = "complete", "kept"
                 todo = [key for key in eval_keys(recipe, v, k)
                         if not _eval_is_current(_read_json(d / "eval" / f"{key}.json"), h, recipe, scorer)]
+                todo += [x for x in ret_names if x not in retention.stored_after_stage(recipe, v, k, h)]
                 evaluation = "cached" if not todo else "to score: " + ", ".join(todo)
             else:
                 first_change = not upstream_changes   # the first stage of the variant to (re)train
@@ -384,7 +387,7 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
                     action, why = "retrain", change
                 else:
                     action, why = "train", "no output yet"
-                evaluation = "to score: " + ", ".join(eval_keys(recipe, v, k))
+                evaluation = "to score: " + ", ".join(eval_keys(recipe, v, k) + ret_names)
             rows.append({"variant": v.name, "stage": k, "action": action, "why": why, "evaluation": evaluation,
                          "dir": str(d)})
     return rows
