@@ -618,7 +618,7 @@ def write_report(report: Dict[str, Any], out_dir: str) -> str:
     md = [f"# Forgetting report: {report['recipe']}", "",
           f"World size {report['world_size']}, precision {report['precision']}, {zero_text(report)} (ds_config "
           f"{report['ds_config']}, as adapted to the run); {env.get('hardware', 'hardware not recorded')}; remix_ds "
-          f"commit {env.get('git_commit') or 'unknown'}; " + ", ".join(f"{k} {v}" for k, v in pk.items() if v) + ".",
+          f"commit {env.get('git_commit') or 'unknown'}" + "".join(f", {k} {v}" for k, v in pk.items() if v) + ".",
           "",
           f"Accuracies are {desc}, in [0, 1]; D_X (s1, s2, ...): accuracy after each stage from the dataset's own "
           "on; forgetting = D_A after stage 1 - D_A after the last stage; train s: training wall time per stage. "
