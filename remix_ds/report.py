@@ -409,21 +409,21 @@ def epoch_curves(output_dir: str, row: Dict[str, Any], num_stages: int) -> Optio
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
 STYLES = ["-", "--", ":", "-."]
-SETTLED = 0.05   # the stage-2 panel's x-axis ends 2 epochs after the last one where a curve is this far from its end
+SETTLED = 0.1   # the stage-2 panel's x-axis ends 3 epochs after every curve has made all but this share of its change
 
 
-def _settled(xs: List[float], series: List[List[Optional[float]]], tol: float = 0.01) -> Optional[float]:
-    """The x after which no series changes by more than tol (None: never settles before the end)."""
-    last_change = xs[0] if xs else 0.0
+def _settled(xs: List[float], series: List[List[Optional[float]]], share: float = 0.1) -> float:
+    """The first x by which every series has made all but ``share`` of its change from its first value to its
+    last (a curve that only fluctuates afterwards counts as settled)."""
+    out = xs[0] if xs else 0.0
     for ys in series:
         vals = [(x, y) for x, y in zip(xs, ys) if y is not None]
         if not vals:
             continue
-        final = vals[-1][1]
-        for x, y in vals:
-            if abs(y - final) > tol:
-                last_change = max(last_change, x)
-    return last_change
+        start, final = vals[0][1], vals[-1][1]
+        tol = max(share * abs(final - start), 1e-9)
+        out = max(out, next(x for x, y in vals if abs(y - final) <= tol))
+    return out
 
 
 def plot_forgetting(report: Dict[str, Any], curves: Dict[str, Dict[str, Any]], path: str) -> str:
@@ -513,12 +513,12 @@ def plot_forgetting(report: Dict[str, Any], curves: Dict[str, Dict[str, Any]], p
             if c and c["later"]["series"]:
                 for ys in c["later"]["series"].values():
                     by_series.append((c["later"]["epoch"], ys))
-        last = max((_settled(xs, [ys], SETTLED) or 0.0) for xs, ys in by_series)
-        cut = min(xmax, max(3.0, last + 2.0))
+        last = max(_settled(xs, [ys], SETTLED) for xs, ys in by_series)
+        cut = min(xmax, max(5.0, last + 3.0))
         if n == 2 and cut < xmax:
             cx.set_xlim(-0.3, cut + 0.3)
-            cx.set_xlabel(f"epoch from the end of stage 1 (shown to {cut:g}: no curve moves by more than "
-                          f"{SETTLED:g} after; stage 2 ran to {xmax:g})", fontsize=8)
+            cx.set_xlabel(f"epoch from the end of stage 1 (shown to {cut:g} of {xmax:g}: every curve\nhas made "
+                          f"{100 * (1 - SETTLED):.0f}% of its change by epoch {last:g}, then only fluctuates)", fontsize=8)
         else:
             cx.set_xlabel("epoch from the end of stage 1", fontsize=9)
         cx.axvline(0, color="black", lw=0.8)
@@ -530,6 +530,8 @@ def plot_forgetting(report: Dict[str, Any], curves: Dict[str, Dict[str, Any]], p
                 for i, x in enumerate(letters_seen)]
     if two_rows:
         labels = ["base"] + [f"after s{k}" for k in range(1, n + 1)]
+        # variants side by side around each model's x, so that equal values do not hide one another
+        dodge = {r["name"]: (i - (len(rows) - 1) / 2) * min(0.05, 0.3 / max(1, len(rows))) for i, r in enumerate(rows)}
         dx = fig.add_subplot(gs[1, 0])
         for pi, name in enumerate(probes):
             for r in rows:
@@ -537,7 +539,7 @@ def plot_forgetting(report: Dict[str, Any], curves: Dict[str, Dict[str, Any]], p
                 if not x:
                     continue
                 ys = [x.get("base")] + list(x.get("after") or [])
-                pts = [(i, y) for i, y in enumerate(ys) if y is not None]
+                pts = [(i + dodge[r["name"]], y) for i, y in enumerate(ys) if y is not None]
                 dx.plot([i for i, _ in pts], [y for _, y in pts], color=color[r["name"]],
                         ls=STYLES[pi % len(STYLES)], marker="s", markersize=4, lw=1.4)
         dx.set_xticks(range(len(labels)))
@@ -552,7 +554,7 @@ def plot_forgetting(report: Dict[str, Any], curves: Dict[str, Dict[str, Any]], p
                 if not x:
                     continue
                 ys = [x.get("base")] + list(x.get("after") or [])
-                pts = [(i, y) for i, y in enumerate(ys) if y is not None]
+                pts = [(i + dodge[r["name"]], y) for i, y in enumerate(ys) if y is not None]
                 ex.plot([i for i, _ in pts], [y for _, y in pts], color=color[r["name"]],
                         ls=STYLES[ti % len(STYLES)], marker="D", markersize=4, lw=1.4)
         ex.set_xticks(range(len(labels)))
