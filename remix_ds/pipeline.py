@@ -6,16 +6,14 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
-
 from . import dist, retention
 from .config import Recipe, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
-from .engine import load_ds_config, offloads_params, resolve_precision, torch_dtype, write_json_atomic
+from .engine import load_ds_config, offloads_params, resolve_precision, write_json_atomic
 from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
 from .metrics import is_task_source
-from .model import is_adapter_dir, load_for_eval, load_tokenizer
+from .model import is_adapter_dir
 from .stage import (batch_plan, checkpoint_layout, config_change, fingerprint, is_complete, latest_checkpoint,
                     stage_output, read_done, stage_dir, train_stage)
 

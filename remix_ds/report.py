@@ -103,7 +103,7 @@ def compact_columns(report: Dict[str, Any]) -> List[Tuple[str, Any]]:
         cols.append(("BWT", lambda r: _fmt(r.get("backward_transfer"))))
     probes, texts = retention_names(report)
 
-    def ret(name: str, field: str = "base"):
+    def ret(name: str):
         def cell(r):
             x = (r.get("retention") or {}).get(name)
             return _tuple([x.get("base")] + list(x.get("after") or [])) if x else "-"
