@@ -124,6 +124,19 @@ class EvalSpec:
 
 
 @dataclass
+class RetentionSpec:
+    """What else is forgotten (remix_ds/retention.py, docs/evaluation.md): probe sets and generic-text loss on the
+    base model and after every stage. Evaluation only: never part of a stage's fingerprint."""
+    probes: Any = "auto"          # auto: the base model's known split of each stage-1 set's source; or a list of
+                                  # dataset keys (their known split), or {data: KEY, known: false} (the whole set)
+    known_pool: int = 200         # auto: examples of the source (beyond the recipe's own) the base model is put to
+    scorer: str = "generate"      # how a probe is scored: filter-unknown's rule, generate or teacher-forced
+    text: Any = "auto"            # generic text: auto (held-out passages of the mixing sources), none, or a file
+    text_passages: int = 64       # held-out passages
+    text_words: int = 64          # words per passage
+
+
+@dataclass
 class StageSpec:
     data: str = ""
     finetune: str = "full"
@@ -178,6 +191,7 @@ class Recipe:
     study_except: List[str] = field(default_factory=list)   # with semantics: study, items kept remix_ds's way
     tiny: TinySpec = field(default_factory=TinySpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    retention: Optional[RetentionSpec] = None   # evaluation only (remix_ds/retention.py); None: not measured
     source_file: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -383,8 +397,7 @@ def deep_merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
 # ---------------------------------------------------------------- loading
 
 TOP_LEVEL_KEYS = {"name", "output_dir", "model", "datasets", "variants", "seed", "ds_config", "precision",
-                  "max_seq_length", "tiny", "eval", "semantics",
-                  "study_except"}
+                  "max_seq_length", "tiny", "eval", "semantics", "study_except", "retention"}
 
 
 def load_recipe(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Recipe:

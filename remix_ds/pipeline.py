@@ -6,16 +6,14 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
-
-from . import dist
+from . import dist, retention
 from .config import Recipe, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
-from .engine import load_ds_config, offloads_params, resolve_precision, torch_dtype, write_json_atomic
+from .engine import load_ds_config, offloads_params, resolve_precision, write_json_atomic
 from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
 from .metrics import is_task_source
-from .model import is_adapter_dir, load_for_eval, load_tokenizer
+from .model import is_adapter_dir
 from .stage import (batch_plan, checkpoint_layout, config_change, fingerprint, is_complete, latest_checkpoint,
                     stage_output, read_done, stage_dir, train_stage)
 
@@ -40,6 +38,7 @@ def check_recipe(recipe: Recipe, variants: List[Variant]) -> None:
                 raise ConfigError(f"{where}: {e}") from None
             check_combination(spec, ds_cfg, v.stages[k] if k < len(v.stages) else None, where)
     check_model_dir(recipe.model, "model")
+    retention.check_retention(recipe)
 
 
 def check_model_dir(model: str, what: str, adapter_ok: bool = False) -> None:
@@ -116,13 +115,14 @@ def _eval_is_current(prev: Optional[Dict[str, Any]], h: str, recipe: Recipe, sco
         and prev.get("requested_max_new_tokens") == recipe.eval.max_new_tokens
 
 
-def eval_after_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+def eval_after_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = None,
+                     loader: Optional[retention.LazyModel] = None) -> Dict[str, Dict[str, Any]]:
     """Score every dataset of stages 1..k (see ``eval_keys``) on stage k's output model.
 
     ``eval.scorer``: ``generate`` (greedy generation, the study's metric; the default) or
     ``teacher-forced`` (one forward pass per batch, exact token match). Results are cached in
     ``stage<k>/eval/<key>.json`` and reused while the stage, the scorer and the eval settings are unchanged.
-    ``h``: the stage hash, if the caller has it.
+    ``h``: the stage hash, if the caller has it; ``loader``: the stage's model, loaded once for every scorer.
     """
     d = stage_dir(recipe, variant, k) / "eval"
     h = h or stage_hash(fingerprint(recipe, variant, k))
@@ -137,11 +137,10 @@ def eval_after_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] 
             todo.append(key)
     todo = dist.broadcast_object(todo)
     if todo:
-        path, adapters = stage_output(recipe, variant, k)
-        # the study's run_eval.py loads the model without a dtype: fp32 (transformers 4.46's default)
-        dtype = torch.float32 if recipe.follows_study("precision") else torch_dtype(resolve_precision(recipe.precision))
-        model = load_for_eval(path, dtype, dist.device(), adapters=adapters)
-        tok = load_tokenizer(path)
+        path, _ = stage_output(recipe, variant, k)
+        own = loader is None
+        loader = loader or retention.LazyModel(lambda: stage_output(recipe, variant, k), recipe)
+        model, tok = loader.get()
         for key in todo:
             metrics = evaluate(model, tok, dataset_examples(recipe, key), scorer=scorer,
                                batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens,
@@ -153,8 +152,8 @@ def eval_after_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] 
                 d.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(str(d / f"{key}.json"), metrics)
         del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if own:
+            loader.close()
     dist.barrier()
     return results
 
@@ -183,7 +182,10 @@ def stored_results(recipe: Recipe, variant: Variant) -> Optional[List[Dict[str, 
             if not _eval_is_current(prev, h, recipe, scorer):
                 return None
             ev[key] = prev
-        results.append({"summary": read_done(stage_dir(recipe, variant, k))["summary"], "eval": ev})
+        res = {"summary": read_done(stage_dir(recipe, variant, k))["summary"], "eval": ev}
+        if retention.enabled(recipe):
+            res["retention"] = retention.stored_after_stage(recipe, variant, k, h)
+        results.append(res)
     return results
 
 
@@ -247,7 +249,11 @@ def run_stage(recipe: Recipe, variant: Variant, k: int, evaluate: bool = True) -
         summary = train_stage(recipe, variant, k, h)
     result = {"summary": summary}
     if evaluate:
-        result["eval"] = eval_after_stage(recipe, variant, k, h)
+        loader = retention.LazyModel(lambda: stage_output(recipe, variant, k), recipe)
+        result["eval"] = eval_after_stage(recipe, variant, k, h, loader)
+        if retention.enabled(recipe):
+            result["retention"] = retention.after_stage(recipe, variant, k, h, loader)
+        loader.close()
     return result
 
 
@@ -260,10 +266,37 @@ def _accuracy(metrics: Dict[str, Any]) -> Optional[float]:
     return metrics.get("accuracy", metrics.get("exact_match"))
 
 
-def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]]) -> Dict[str, Any]:
+def spec_keys(variant: Variant) -> Dict[str, Any]:
+    """Every training key of every stage, flattened (``stage1.lora.r``: 8): what tells two variants apart."""
+    import dataclasses
+
+    from .stage import OPERATIONAL_KEYS
+
+    out: Dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, x in value.items():
+                walk(f"{prefix}.{key}", x)
+        else:
+            out[prefix] = list(value) if isinstance(value, tuple) else value
+    for k, spec in enumerate(variant.stages, 1):
+        d = {key: v for key, v in dataclasses.asdict(spec).items() if key not in OPERATIONAL_KEYS + ("track", "probe")}
+        if spec.finetune == "full":
+            d.pop("lora")
+        if d.get("mix") is None:
+            d["mix"] = "none"
+        walk(f"stage{k}", d)
+    return out
+
+
+def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]],
+                base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """One report row: modes and mixing per stage, D_A accuracy after every stage, each later dataset's
     accuracy after its own stage, forgetting, epochs and wall time per stage; ``stages`` holds the details
-    (every dataset's metrics after every stage) for report.json."""
+    (every dataset's metrics after every stage) for report.json; ``matrix`` the accuracy matrix (base model,
+    when ``base`` holds its results, and every stage; every stage's dataset and every retention probe) with its
+    summaries; ``retention`` every probe's and text set's value on the base model and after each stage."""
     row: Dict[str, Any] = {"name": variant.name}
     n = len(variant.stages)
     letters = {}
@@ -283,6 +316,7 @@ def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]])
                 row[f"n_{dataset_letter(j)}"] = ev[key].get("n")
         s = res["summary"]
         row[f"epochs_stage{k}"] = s["epochs"]
+        row[f"zero_stage_stage{k}"] = s.get("zero_stage")
         row[f"stopped_by_stage{k}"] = s["stopped_by"]
         row[f"train_seconds_stage{k}"] = s["train_seconds"]
         tps = s.get("padfree_tokens_per_s")   # padding-free, training steps only (None: an older summary)
@@ -302,7 +336,59 @@ def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]])
     a1, an = row.get("acc_A_after_stage1"), row.get(f"acc_A_after_stage{n}")
     row["forgetting"] = (a1 - an) if a1 is not None and an is not None and n > 1 else None
     row["stages"] = stages
+    row["spec"] = spec_keys(variant)
+    add_matrix(row, variant, results, base, letters)
     return row
+
+
+def add_matrix(row: Dict[str, Any], variant: Variant, results: List[Dict[str, Any]], base: Optional[Dict[str, Any]],
+               letters: Dict[str, str]) -> None:
+    """row["matrix"] (rows: base, stage1..N; columns: D_A..D_N, then the retention probes), its summaries
+    (``retention.cl_summaries`` over the D_A..D_N block) and row["retention"] (probes and text sets)."""
+    n = len(results)
+    tasks = [(dataset_letter(j), variant.stages[j - 1].data) for j in range(1, n + 1)
+             if letters.get(variant.stages[j - 1].data) == dataset_letter(j)]
+    ret_after = [res.get("retention") or {} for res in results]
+    base_ret = (base or {}).get("retention") or {}
+    names: List[str] = []
+    for r in [base_ret] + ret_after:
+        names += [name for name in r if name not in names]
+    probes = [x for x in names if any((r.get(x) or {}).get("kind") == "probe" for r in [base_ret] + ret_after)]
+    texts = [x for x in names if x not in probes]
+
+    def acc(m):
+        return _accuracy(m) if m else None
+    rows, values = [], []
+    if base and (base.get("eval") or base_ret):
+        rows.append("base")
+        values.append([acc((base.get("eval") or {}).get(key)) for _, key in tasks]
+                      + [(base_ret.get(x) or {}).get("accuracy") for x in probes])
+    for k, res in enumerate(results, 1):
+        rows.append(f"stage{k}")
+        values.append([acc(res.get("eval", {}).get(key)) if j <= k else None for j, (_, key) in enumerate(tasks, 1)]
+                      + [(ret_after[k - 1].get(x) or {}).get("accuracy") for x in probes])
+    task_block = [v[:len(tasks)] for v, r in zip(values, rows) if r != "base"]
+    summary = retention.cl_summaries(task_block) if len(tasks) == n else \
+        {"average_accuracy": None, "backward_transfer": None, "forgetting": None}
+    row["matrix"] = {"rows": rows, "columns": [f"D_{x}" for x, _ in tasks] + probes,
+                     "datasets": [key for _, key in tasks] + probes, "values": values, **summary}
+    row.update({"average_accuracy": summary["average_accuracy"], "backward_transfer": summary["backward_transfer"]})
+    ret: Dict[str, Any] = {}
+    for x in probes + texts:
+        src = [base_ret.get(x)] + [r.get(x) for r in ret_after]
+        field = "accuracy" if x in probes else "loss"
+        first = next((m for m in src if m), {})
+        ret[x] = {"kind": "probe" if x in probes else "text", "what": first.get("what"),
+                  "n": first.get("n", first.get("passages")), "metric": field,
+                  "base": (src[0] or {}).get(field), "after": [(m or {}).get(field) for m in src[1:]]}
+        if x in texts:
+            ret[x]["perplexity_base"] = (src[0] or {}).get("perplexity")
+            ret[x]["perplexity_after"] = [(m or {}).get("perplexity") for m in src[1:]]
+        row[f"{x}_base"] = ret[x]["base"]
+        row[f"n_{x}"] = ret[x]["n"]
+        for k, value in enumerate(ret[x]["after"], 1):
+            row[f"{x}_after_stage{k}"] = value
+    row["retention"] = ret
 
 
 def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = None) -> List[Dict[str, Any]]:
@@ -310,6 +396,8 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
     checkpoint of this config), ``retrain`` (an output of another config: what changed) or ``train`` (none
     yet); and whether its evaluation is cached. A stage after one that will (re)train is itself retrained."""
     scorer = check_scorer(getattr(recipe.eval, "scorer", "generate"))
+    ret_names = ([p.name for p in retention.probe_defs(recipe)] + list(retention.text_sets(recipe))
+                 if retention.enabled(recipe) else [])
     rows = []
     trained: Dict[Any, str] = {}   # (stage, hash) -> the variant whose run trains it first
     for v in variants:
@@ -321,6 +409,7 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
                 action, why = "complete", "kept"
                 todo = [key for key in eval_keys(recipe, v, k)
                         if not _eval_is_current(_read_json(d / "eval" / f"{key}.json"), h, recipe, scorer)]
+                todo += [x for x in ret_names if x not in retention.stored_after_stage(recipe, v, k, h)]
                 evaluation = "cached" if not todo else "to score: " + ", ".join(todo)
             else:
                 first_change = not upstream_changes   # the first stage of the variant to (re)train
@@ -348,7 +437,7 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
                     action, why = "train", "no output yet"
                 if action != "reuse":
                     trained.setdefault((k, h), v.name)
-                evaluation = "to score: " + ", ".join(eval_keys(recipe, v, k))
+                evaluation = "to score: " + ", ".join(eval_keys(recipe, v, k) + ret_names)
             rows.append({"variant": v.name, "stage": k, "action": action, "why": why, "evaluation": evaluation,
                          "dir": str(d)})
     return rows
@@ -382,11 +471,12 @@ def run_pipeline(recipe: Recipe, variant_names: Optional[List[str]] = None, stag
     variants = shard_variants(variants, shard)
     check_recipe(recipe, variants)
     stages = stages or list(range(1, recipe.num_stages + 1))
+    base = retention.base_results(recipe) if retention.enabled(recipe) else None
     rows = {}
     for v in variants:
         results = [run_stage(recipe, v, k) for k in stages]
         if stages == list(range(1, recipe.num_stages + 1)):
-            rows[v.name] = variant_row(recipe, v, results)
+            rows[v.name] = variant_row(recipe, v, results, base)
     if shard:
         report = report_dict(recipe, list(rows.values()), dist.world_size())
         if dist.is_main():
@@ -400,7 +490,7 @@ def run_pipeline(recipe: Recipe, variant_names: Optional[List[str]] = None, stag
             if v.name not in rows:
                 stored = stored_results(recipe, v) if dist.is_main() else None
                 if stored is not None:
-                    rows[v.name] = variant_row(recipe, v, stored)
+                    rows[v.name] = variant_row(recipe, v, stored, base)
         rows = {v.name: rows[v.name] for v in recipe.variants if v.name in rows}
     rows = list(rows.values())
     report = report_dict(recipe, rows, dist.world_size())
@@ -411,9 +501,15 @@ def run_pipeline(recipe: Recipe, variant_names: Optional[List[str]] = None, stag
 
 
 def report_dict(recipe: Recipe, rows: List[Dict[str, Any]], world_size: int) -> Dict[str, Any]:
-    return {"recipe": recipe.name, "output_dir": recipe.output_dir, "world_size": world_size,
-            "precision": resolve_precision(recipe.precision), "ds_config": recipe.ds_config,
-            "num_stages": recipe.num_stages, "variants": rows}
+    from .report import environment
+
+    out = {"recipe": recipe.name, "output_dir": recipe.output_dir, "world_size": world_size,
+           "precision": resolve_precision(recipe.precision), "ds_config": recipe.ds_config,
+           "num_stages": recipe.num_stages, "variants": rows, "environment": environment()}
+    if retention.enabled(recipe):
+        import dataclasses
+        out["retention"] = dataclasses.asdict(recipe.retention)
+    return out
 
 
 def report_only(recipe: Recipe, variant_names: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -422,13 +518,14 @@ def report_only(recipe: Recipe, variant_names: Optional[List[str]] = None) -> Di
     from .report import write_report
 
     variants = [recipe.variant(n) for n in variant_names] if variant_names else recipe.variants
+    base = retention.stored_base(recipe) if retention.enabled(recipe) else None
     rows, missing = [], []
     for v in variants:
         stored = stored_results(recipe, v)
         if stored is None:
             missing.append(v.name)
         else:
-            rows.append(variant_row(recipe, v, stored))
+            rows.append(variant_row(recipe, v, stored, base))
     if not rows:
         raise ConfigError(f"no variant of {recipe.source_file or recipe.name} has finished, current results in "
                           f"{recipe.output_dir} (see --dry-run)")

@@ -63,7 +63,7 @@ def test_report_schema(run):
     assert lora["finetune_stage1"].startswith("lora") and lora["mix_stage1"] == "random-words:0.5"
     assert lora["finetune_stage2"] == "full" and lora["mix_stage2"] == "none"
     assert "| full |" in (out / "report.md").read_text()
-    assert "acc_A_after_stage2" in res.stdout  # the table is printed
+    assert "D_A after s2" in res.stdout  # the table is printed
 
 
 def test_outputs_and_logs(run):

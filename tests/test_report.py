@@ -105,11 +105,14 @@ def test_write_report_table_words_and_figure(tmp_path):
     with open(tmp_path / "forgetting.png", "rb") as f:
         assert f.read(8) == PNG
     assert js["figure"] == "forgetting.png" and "forgetting.png" in md
-    # the table: every variant, modes, mixing, accuracies, forgetting, epochs, wall time
+    # the compact table: every variant, mode s1 → s2, mixing, accuracies, forgetting, epochs and wall time as tuples
+    assert ("| name | mode | mix (s1) | D_A after s1 | D_A after s2 | D_B (s2) | forgetting | epochs (s1, s2) | "
+            "train s (s1, s2) |") in md
+    assert "| full-mix | full → full | random-words:1 | 1.000 | 0.800 | 0.880 | 0.200 | 5, 3 | 10, 4.0 |" in md
+    # the long form: every column in report.json
     for col in ("finetune_stage1", "mix_stage1", "acc_A_after_stage1", "acc_A_after_stage2", "acc_B_after_stage2",
                 "forgetting", "epochs_stage2", "train_seconds_stage2", "tokens_per_s_stage2"):
-        assert col in md
-    assert "| full-mix | full | full | random-words:1 | none | 1.000 | 0.800 | 0.880 | 0.200 |" in md
+        assert col in js["columns"]
     # per-epoch curves of stage 2 start at the end of stage 1
     c = js["curves"]["full"]
     assert c["epoch"] == [0.0, 1.0, 2.0, 3.0] and c["accuracy"][0] == 1.0 and c["accuracy"][-1] == pytest.approx(0.1)
@@ -217,7 +220,7 @@ variants:
     js = json.loads((out / "report.json").read_text())
     assert (out / "forgetting.png").read_bytes()[:8] == PNG
     assert [v["name"] for v in js["variants"]] == ["full", "lora"]
-    assert "| lora | lora(r=4) | lora(r=4) | none | none |" in md
+    assert "| lora | lora(r=4) → lora(r=4) | none |" in md
     for v in js["variants"]:
         assert v["acc_A_after_stage1"] is not None and v["acc_B_after_stage2"] is not None
         assert v["forgetting"] == pytest.approx(v["acc_A_after_stage1"] - v["acc_A_after_stage2"])

@@ -467,6 +467,13 @@ def load_kvr_b(spec: DatasetSpec, seed: int, key: str = "") -> List[Example]:
     return kvr_examples(spec.num_examples, seed, "B")
 
 
+@source("kvrP")
+def load_kvr_p(spec: DatasetSpec, seed: int, key: str = "") -> List[Example]:
+    """The third KVR part, disjoint from kvr and kvrB: with the tiny model's seed (0), the pairs it was pretrained
+    on (remix_ds/tiny.py), i.e. facts the base model knows (a retention probe set, docs/evaluation.md)."""
+    return kvr_examples(spec.num_examples, seed, "P")
+
+
 def _json_info(spec: DatasetSpec) -> SourceInfo:
     info = JSON_INFO
     if spec.factoid is False:
