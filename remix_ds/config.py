@@ -164,6 +164,9 @@ class StageSpec:
     packing: Any = "auto"
     save_every: int = 0           # DeepSpeed checkpoint every N optimizer steps (0: none)
     keep_checkpoints: int = 2     # keep the newest N complete checkpoints
+    # at an epoch end, a checkpoint once this many minutes passed since the last one (0: none); Ctrl-C always
+    # checkpoints at the next step boundary
+    checkpoint_minutes: float = 30.0
     resume: str = "auto"          # auto: continue from the newest complete checkpoint of the same config; never
     track: bool = True            # teacher-forced accuracy of this and earlier factoid sets after every epoch
     probe: bool = False           # save the engine's logits on a few examples (checks that saving is exact)
@@ -672,6 +675,8 @@ def validate(recipe: Recipe, where: str) -> None:
                 raise ConfigError(f"{w}: mix.ratio must be >= 0, got {st.mix.ratio}")
             if st.resume not in ("auto", "never"):
                 raise ConfigError(f"{w}: resume must be auto or never, got {st.resume!r}")
+            if st.checkpoint_minutes < 0:
+                raise ConfigError(f"{w}: checkpoint_minutes must be >= 0")
             if st.save_every < 0 or st.keep_checkpoints < 1:
                 raise ConfigError(f"{w}: save_every must be >= 0 and keep_checkpoints >= 1")
             if st.log_every < 1:

@@ -74,5 +74,9 @@ def main_guard(fn) -> None:
     except RemixError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        # a stage's own message (StageInterrupted: where it stopped, its checkpoint), else what a rerun does
+        msg = str(e) or ("interrupted: the same command again keeps every finished stage and resumes an "
+                         "unfinished one from its newest checkpoint, if it has one (else starts it afresh)")
+        print(f"\n{msg}", file=sys.stderr)
         sys.exit(130)

@@ -80,7 +80,8 @@ def output_model(recipe: Recipe, variant: Variant, k: int) -> str:
 # stage keys that change how a run is logged, checkpointed or batched, not what it trains: changing one neither
 # retrains a complete stage nor stops a resume from the checkpoints of an interrupted one (packing gives every
 # example the loss it has padded, as the world size does, to floating-point rounding)
-OPERATIONAL_KEYS = ("log_every", "save_every", "keep_checkpoints", "resume", "tensorboard", "packing")
+OPERATIONAL_KEYS = ("log_every", "save_every", "keep_checkpoints", "resume", "tensorboard", "packing",
+                    "checkpoint_minutes")
 
 
 WIDTH_MULTIPLE_CUDA = 8
@@ -355,6 +356,56 @@ def study_global_step(eng: Engine, slots: List[List[Encoded]], world: int, gas: 
     return means, last, n_mb
 
 
+def describe_zero(cfg: Dict[str, Any], name: str) -> str:
+    """The ZeRO stage a stage really runs, in words (the ds_config's name is only what was asked for)."""
+    from .engine import offloads_optimizer, offloads_params, uses_torch_autocast
+
+    z = zero_stage(cfg)
+    what = f"ZeRO-{z}" if z else "no ZeRO"
+    off = [x for x, on in (("optimizer", offloads_optimizer(cfg)), ("parameters", offloads_params(cfg))) if on]
+    if off:
+        what += f", {' and '.join(off)} offloaded to CPU"
+    if uses_torch_autocast(cfg):
+        what += f", {cfg['torch_autocast'].get('dtype', '')} autocast"
+    return f"{what} (ds_config {os.path.basename(str(name))})"
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage, after its checkpoint was written: the message says where and what a rerun does."""
+
+
+class InterruptAtStep:
+    """The first SIGINT (Ctrl-C) asks the stage loop to stop at the next step boundary, where it writes a
+    checkpoint (a rerun resumes from it exactly); a second one interrupts at once. Installed only in the main
+    thread of the process."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if dist.is_main():
+            print("\ninterrupt: stopping at the end of this step to write a checkpoint (Ctrl-C again to stop at "
+                  "once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 # ------------------------------------------------------------------ checkpoints
 
 def latest_checkpoint(root: Path, h: str, layout: Optional[Dict[str, Any]] = None) -> Optional[str]:
@@ -539,7 +590,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
             "n_data": len(data), "n_mix": n_mix, "n_dropped": dropped})
         log.info("%s/stage%d: %s on %s (%d examples + %d mixing, %d dropped), %s, %d steps/epoch, "
                  "global batch %d = %d x %d x %d ranks", variant.name, k, spec.finetune, spec.data, len(data),
-                 n_mix, dropped, os.path.basename(spec.ds_config or recipe.ds_config), steps_per_epoch, G,
+                 n_mix, dropped, describe_zero(ds_cfg, spec.ds_config or recipe.ds_config), steps_per_epoch, G,
                  micro, gas, world)
 
     torch.manual_seed(recipe.seed * 7 + k)  # adapter initialisation (and any dropout) is reproducible
@@ -593,9 +644,12 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
     def checkpoint_due() -> bool:
         return bool(spec.save_every) and step % spec.save_every == 0
 
-    def checkpoint(next_epoch: int, next_s: int) -> bool:
-        if not checkpoint_due():
+    last_ckpt = [time.time()]
+
+    def checkpoint(next_epoch: int, next_s: int, force: bool = False) -> bool:
+        if not (force or checkpoint_due()):
             return False
+        last_ckpt[0] = time.time()
         loop = {"step": step, "epoch": next_epoch, "s": next_s, "below": below, "accs": accs,
                 "last_loss": last_loss, "t": time.time() - t0, "tokens": tokens}
         # make room first, so that no more than keep_checkpoints complete ones exist at any moment (a kill
@@ -613,10 +667,41 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
             prune_checkpoints(ckpt_root, 1)
         return True
 
-    bar = tqdm(total=total_steps, initial=step, desc=f"{variant.name}/stage{k}", disable=not dist.is_main(),
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    # a stopping rule ends the stage at an epoch no one knows in advance: the bar counts the epoch's steps (its
+    # ETA is the epoch's) and says how far the rule is; a fixed stage counts every step of the stage
+    open_ended = spec.stop != "fixed"
+
+    def new_bar(epoch: int, first: int):
+        desc = f"{variant.name}/stage{k}" + (f" epoch {epoch + 1} (at most {spec.epochs})" if open_ended else "")
+        return tqdm(total=steps_per_epoch if open_ended else total_steps,
+                    initial=first if open_ended else step, desc=desc, disable=not dist.is_main(),
+                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+    def rule_status() -> Dict[str, str]:
+        if spec.stop == "accuracy":
+            acc = accs.get(spec.data)
+            return {"acc": f"{acc:.3f}/1.000" if acc is not None else "-/1.000"}
+        if spec.stop == "loss":
+            return {"below": f"{below}/{spec.loss_patience}"}
+        return {}
+
+    interrupt = InterruptAtStep().__enter__()
+    stop_asked = False
+
+    def stop_interrupted(next_epoch: int, next_s: int) -> None:
+        """Ctrl-C: a checkpoint at this step boundary, then out of the stage with where it stopped."""
+        bar.close()
+        interrupt.__exit__()
+        checkpoint(next_epoch, next_s, force=True)
+        raise StageInterrupted(
+            f"{variant.name}/stage{k} interrupted after step {step} (epoch {epoch + 1}); checkpoint "
+            f"{ckpt_root / f'step{step}'} written: the same command resumes the stage from there")
+    bar = new_bar(state["epoch"], state["s"])
     for epoch in range(state["epoch"], spec.epochs):
         order = epoch_order(len(enc), recipe.seed, k, epoch) if plan is None else None
+        if open_ended and epoch > state["epoch"]:
+            bar.close()
+            bar = new_bar(epoch, 0)
         for s in range(state["s"] if epoch == state["epoch"] else 0, steps_per_epoch):
             if plan is None:
                 chunk = [enc[i] for i in order[s * G:(s + 1) * G]]
@@ -633,12 +718,17 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
             step += 1
             window_real += sum(len(e.input_ids) for e in chunk)
             bar.update(1)
-            # a checkpoint keeps no open loss window: flush it at every checkpoint step too
-            if step % log_every == 0 or s == steps_per_epoch - 1 or checkpoint_due():
+            # a checkpoint keeps no open loss window: flush it at every checkpoint step too (and at a Ctrl-C on one
+            # process; several ranks agree on it in the window's collective)
+            stop_asked = False
+            if step % log_every == 0 or s == steps_per_epoch - 1 or checkpoint_due() or \
+                    (interrupt.requested and world == 1):
                 # one collective and one host sync per window: the loss sum and the positions run, all ranks
                 sums = torch.stack([window_loss, torch.tensor(float(ran.ran), dtype=torch.float64,
-                                                              device=eng.device), window_last])
-                loss_sum, ran_all, last_sum = dist.all_reduce_sum(sums).tolist()
+                                                              device=eng.device), window_last,
+                                    torch.tensor(float(interrupt.requested), dtype=torch.float64, device=eng.device)])
+                loss_sum, ran_all, last_sum, asked = dist.all_reduce_sum(sums).tolist()
+                stop_asked = asked > 0
                 secs = max(time.time() - t_win, 1e-9)
                 # study order: each rank counted its own micro-batches (the same number on every rank)
                 last_loss = loss_sum / max(1, window_tokens * (world if plan is not None else 1))
@@ -648,7 +738,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
                 tokens = {"real": tokens["real"] + window_real, "ran": tokens["ran"] + int(ran_all),
                           "seconds": tokens["seconds"] + secs}
                 bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{eng.lr():.2g}",
-                                tok_s=f"{tp['padfree_tokens_per_s']:.0f}")
+                                tok_s=f"{tp['padfree_tokens_per_s']:.0f}", **rule_status())
                 window_loss.zero_()
                 window_tokens = window_real = ran.ran = 0
                 t_win = time.time()
@@ -665,6 +755,10 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
                     if below >= spec.loss_patience:
                         stopped_by = "loss"
                         break
+            if stop_asked and s < steps_per_epoch - 1:
+                stop_interrupted(epoch, s + 1)
+            if stop_asked:   # at an epoch's last step: after the epoch's evaluation and stopping rule
+                break
             if s < steps_per_epoch - 1 and checkpoint(epoch, s + 1):
                 t_win = time.time()
         epochs_run = epoch + 1
@@ -674,8 +768,9 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
             record({"epoch": epochs_run, "step": step, "teacher_forced_accuracy": accs,
                     "time": round(time.time() - t0, 3)})
             if dist.is_main():
+                target = " (stops at 1.000)" if spec.stop == "accuracy" else ""
                 bar.write(f"{variant.name}/stage{k} epoch {epochs_run}: loss {last_loss:.4g}, "
-                          + ", ".join(f"acc[{key}] {v:.3f}" for key, v in accs.items()))
+                          + ", ".join(f"acc[{key}] {v:.3f}" for key, v in accs.items()) + target)
         if stopped_by == "loss":
             break
         if spec.stop == "accuracy":
@@ -686,9 +781,16 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
             if acc >= 1.0:
                 stopped_by = "accuracy"
                 break
-        checkpoint(epoch + 1, 0)
+        # every save_every steps, and at an epoch end once checkpoint_minutes passed since the last checkpoint
+        # (a bounded cost: one save per that many minutes; a kill loses at most that much and an epoch)
+        minutes = spec.checkpoint_minutes > 0 and epoch + 1 < spec.epochs and \
+            time.time() - last_ckpt[0] >= 60 * spec.checkpoint_minutes
+        if stop_asked:
+            stop_interrupted(epoch + 1, 0)
+        checkpoint(epoch + 1, 0, force=bool(minutes))
         t_win = time.time()   # the epoch's evaluation and checkpoint are not training time
     bar.close()
+    interrupt.__exit__()
     train_seconds = time.time() - t0
     tp = throughput(tokens["real"], tokens["ran"], tokens["seconds"])   # the whole stage
     if dist.is_main() and tp["tokens_per_s"] is not None:
