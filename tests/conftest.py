@@ -36,9 +36,41 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="session")
+def one_process_dist():
+    """torch.distributed on this test process alone (dist.init picks a free port), once for the whole session:
+    DeepSpeed caches its groups, so a group torn down and made again between tests is not usable. Its
+    environment (RANK, MASTER_PORT, ...) stays in os.environ, where DeepSpeed's engine looks for LOCAL_RANK, but
+    ``run_cli`` does not pass it on to the commands later tests run."""
+    import torch.distributed as tdist
+    from remix_ds import dist
+
+    saved = {k: os.environ.pop(k, None) for k in DIST_ENV}
+    dist.init()
+    yield
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+    _forget_deepspeed_group()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _forget_deepspeed_group():
+    """DeepSpeed keeps its own handle on a destroyed process group: the next init must make a new one."""
+    try:
+        import deepspeed.comm.comm as ds_comm
+        ds_comm.cdb = None
+    except ImportError:
+        pass
+
+
 def run_cli(args, cwd=None, timeout=900, env=None):
-    """Run a launch/ script or the deepspeed launcher; returns CompletedProcess (text)."""
-    full_env = dict(os.environ)
+    """Run a launch/ script or the deepspeed launcher; returns CompletedProcess (text). The test process's own
+    torch.distributed variables (if an in-process test left any) are not passed on."""
+    full_env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     full_env.update(env or {})
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     return subprocess.run(args, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -257,7 +257,7 @@ def test_lora_without_zero_trains_as_deepspeed_zero2_does(tmp_path, tiny_dir):
 
 
 @pytest.mark.parametrize("zero", [0, 2])
-def test_gradient_clip_acts_on_the_optimizers_gradients(tiny_dir, one_thread, zero):
+def test_gradient_clip_acts_on_the_optimizers_gradients(tiny_dir, one_thread, one_process_dist, zero):
     """The gradient the optimizer steps on has norm grad_clip when the clip is far below the gradient's own
     norm, and the gradient's own norm when the clip is far above it: the engine's torch clip (no ZeRO) and
     DeepSpeed's (ZeRO-2) alike. The gradient is read where AdamW reads it (a step pre-hook on the torch
@@ -272,7 +272,6 @@ def test_gradient_clip_acts_on_the_optimizers_gradients(tiny_dir, one_thread, ze
     from remix_ds.engine import Engine
     from remix_ds.model import load_for_training, load_tokenizer
 
-    dist.init()
     assert dist.world_size() == 1
     tok = load_tokenizer(tiny_dir)
     batch = collate([encode_example(tok, e, i) for i, e in enumerate(kvr_examples(8, 0))], pad_id_of(tok))
@@ -343,15 +342,13 @@ def test_checkpoints_carry_the_fp16_autocast_grad_scaler(tmp_path):
     assert state["loop"] == {"step": 1} and fresh.torch_autocast_z0_gradscaler.get_scale() == 512.0
 
 
-def test_one_process_step_skips_deepspeeds_per_parameter_host_work(tiny_dir):
+def test_one_process_step_skips_deepspeeds_per_parameter_host_work(tiny_dir, one_process_dist):
     """What a step costs on the host decides a GPU step's speed when kernels are short (an H100 ran the 1B and
     8B shapes host-bound): on one process without ZeRO there is no gradient all-reduce, gradients are cleared
     on the trained parameters only, and Module.train() (a walk over every submodule) is not rerun for every
     micro-batch; the step still trains the adapters."""
-    import os
 
     import torch
-    import torch.distributed as tdist
 
     from remix_ds import dist
     from remix_ds.config import LoraSpec
@@ -360,90 +357,80 @@ def test_one_process_step_skips_deepspeeds_per_parameter_host_work(tiny_dir):
     from remix_ds.engine import Engine
     from remix_ds.model import load_for_training, load_tokenizer
 
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    for k in keys:
-        os.environ.pop(k, None)
-    dist.init()
+    assert dist.world_size() == 1
+    cfg = resolve_ds_config("zero2", precision="fp32", finetune="lora", **{**KW, "hidden_size": 64})
+    model, _ = load_for_training(tiny_dir, "lora", LoraSpec(r=4, alpha=8), cfg, torch.float32)
+    eng = Engine(model, cfg, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, total_steps=10, warmup_ratio=0.0)
+    assert eng.zero_stage == 0 and eng.engine.enable_backward_allreduce is False
+    tok = load_tokenizer(tiny_dir)
+    batch = collate([encode_example(tok, e, i) for i, e in enumerate(kvr_examples(8, 0))], pad_id_of(tok))
+    n = int((batch["labels"] != -100).sum())
+    trained = [p for p in eng.module.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trained]
+    calls = []
+    real_train = torch.nn.Module.train
+
+    def counting_train(self, mode=True):
+        calls.append(self)
+        return real_train(self, mode)
+    torch.nn.Module.train = counting_train
     try:
-        cfg = resolve_ds_config("zero2", precision="fp32", finetune="lora", **{**KW, "hidden_size": 64})
-        model, _ = load_for_training(tiny_dir, "lora", LoraSpec(r=4, alpha=8), cfg, torch.float32)
-        eng = Engine(model, cfg, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, total_steps=10, warmup_ratio=0.0)
-        assert eng.zero_stage == 0 and eng.engine.enable_backward_allreduce is False
-        tok = load_tokenizer(tiny_dir)
-        batch = collate([encode_example(tok, e, i) for i, e in enumerate(kvr_examples(8, 0))], pad_id_of(tok))
-        n = int((batch["labels"] != -100).sum())
-        trained = [p for p in eng.module.parameters() if p.requires_grad]
-        before = [p.detach().clone() for p in trained]
-        calls = []
-        real_train = torch.nn.Module.train
-
-        def counting_train(self, mode=True):
-            calls.append(self)
-            return real_train(self, mode)
-        torch.nn.Module.train = counting_train
-        try:
-            losses = []
-            for _ in range(3):
-                losses.append(float(eng.micro_step(batch, 1.0 / n)) / n)
-                assert all(p.grad is not None for p in trained)
-                eng.step()
-                assert all(p.grad is None for p in trained)   # cleared after the optimizer step
-            assert calls == []                                  # already in training mode: no walk
-            eng.eval()
-            assert not any(m.training for m in eng.module.modules())
-            calls.clear()
-            eng.micro_step(batch, 0.0)
-            assert eng.engine.module.training and sum(c is eng.engine.module for c in calls) == 1   # training again
-            assert all(m.training for m in eng.module.modules())
-        finally:
-            torch.nn.Module.train = real_train
-        assert losses[-1] < losses[0]
-        assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trained))
-        # packed micro-batches (a 4-D mask) train under the engine's packed_sdpa backends, padded ones under torch's
-        # choice: on CUDA every backend but cuDNN (its per-shape graphs), None elsewhere
-        from torch.nn.attention import SDPBackend
-
-        from remix_ds.data.formatting import collate_packed
-        from remix_ds.data.mixing import random_word_examples
-        from remix_ds.engine import packed_sdpa_backends
-
-        assert eng.packed_sdpa is None and packed_sdpa_backends(torch.device("cpu")) is None
-        assert packed_sdpa_backends(torch.device("cuda")) == [SDPBackend.FLASH_ATTENTION,
-                                                               SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        mixed = [encode_example(tok, e, i) for i, e in enumerate(kvr_examples(6, 0) + random_word_examples(3, 0, 8, 8))]
-        packed = collate_packed(mixed, pad_id_of(tok), 128)
-        assert packed["attention_mask"].dim() == 4
-        eng.packed_sdpa = [SDPBackend.EFFICIENT_ATTENTION]   # CUDA-only: no CPU kernel can run under it
-        with pytest.raises(RuntimeError, match="No viable backend"):
-            eng.micro_step(packed, 0.0)
-        eng.micro_step(batch, 0.0)   # a padded batch is not run under it
-        eng.packed_sdpa = [SDPBackend.MATH]
-        by_math = float(eng.micro_step(packed, 0.0))
-        eng.packed_sdpa = None
-        assert float(eng.micro_step(packed, 0.0)) == pytest.approx(by_math, rel=1e-5)
-        eng.close()
-        # with gradient checkpointing: the first micro-step already runs in training mode (a fresh model is in eval
-        # mode, which would switch checkpointing off until the first evaluation), and a packed micro-batch's
-        # recomputation in the backward runs under the same SDPA backends as its forward (else CheckpointError)
-        model, _ = load_for_training(tiny_dir, "lora", LoraSpec(r=4, alpha=8), cfg, torch.float32,
-                                     gradient_checkpointing=True)
-        assert not all(m.training for m in model.modules())   # from_pretrained's eval mode, under PEFT's wrapper
-        eng = Engine(model, cfg, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, total_steps=10, warmup_ratio=0.0)
+        losses = []
+        for _ in range(3):
+            losses.append(float(eng.micro_step(batch, 1.0 / n)) / n)
+            assert all(p.grad is not None for p in trained)
+            eng.step()
+            assert all(p.grad is None for p in trained)   # cleared after the optimizer step
+        assert calls == []                                  # already in training mode: no walk
+        eng.eval()
+        assert not any(m.training for m in eng.module.modules())
+        calls.clear()
+        eng.micro_step(batch, 0.0)
+        assert eng.engine.module.training and sum(c is eng.engine.module for c in calls) == 1   # training again
         assert all(m.training for m in eng.module.modules())
-        calls = []
-        eng.module.get_base_model().model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
-        eng.micro_step(batch, 1.0 / n)
-        assert len(calls) == 2   # forward, then recomputed in the backward
-        eng.packed_sdpa = [SDPBackend.MATH]   # not torch's own choice on this CPU for a masked batch (flash)
-        eng.micro_step(packed, 0.0)
-        assert len(calls) == 4
-        eng.close()
     finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        torch.nn.Module.train = real_train
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trained))
+    # packed micro-batches (a 4-D mask) train under the engine's packed_sdpa backends, padded ones under torch's
+    # choice: on CUDA every backend but cuDNN (its per-shape graphs), None elsewhere
+    from torch.nn.attention import SDPBackend
+
+    from remix_ds.data.formatting import collate_packed
+    from remix_ds.data.mixing import random_word_examples
+    from remix_ds.engine import packed_sdpa_backends
+
+    assert eng.packed_sdpa is None and packed_sdpa_backends(torch.device("cpu")) is None
+    assert packed_sdpa_backends(torch.device("cuda")) == [SDPBackend.FLASH_ATTENTION,
+                                                           SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    mixed = [encode_example(tok, e, i) for i, e in enumerate(kvr_examples(6, 0) + random_word_examples(3, 0, 8, 8))]
+    packed = collate_packed(mixed, pad_id_of(tok), 128)
+    assert packed["attention_mask"].dim() == 4
+    eng.packed_sdpa = [SDPBackend.EFFICIENT_ATTENTION]   # CUDA-only: no CPU kernel can run under it
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        eng.micro_step(packed, 0.0)
+    eng.micro_step(batch, 0.0)   # a padded batch is not run under it
+    eng.packed_sdpa = [SDPBackend.MATH]
+    by_math = float(eng.micro_step(packed, 0.0))
+    eng.packed_sdpa = None
+    assert float(eng.micro_step(packed, 0.0)) == pytest.approx(by_math, rel=1e-5)
+    eng.close()
+    # with gradient checkpointing: the first micro-step already runs in training mode (a fresh model is in eval
+    # mode, which would switch checkpointing off until the first evaluation), and a packed micro-batch's
+    # recomputation in the backward runs under the same SDPA backends as its forward (else CheckpointError)
+    model, _ = load_for_training(tiny_dir, "lora", LoraSpec(r=4, alpha=8), cfg, torch.float32,
+                                 gradient_checkpointing=True)
+    assert not all(m.training for m in model.modules())   # from_pretrained's eval mode, under PEFT's wrapper
+    eng = Engine(model, cfg, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, total_steps=10, warmup_ratio=0.0)
+    assert all(m.training for m in eng.module.modules())
+    calls = []
+    eng.module.get_base_model().model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+    eng.micro_step(batch, 1.0 / n)
+    assert len(calls) == 2   # forward, then recomputed in the backward
+    eng.packed_sdpa = [SDPBackend.MATH]   # not torch's own choice on this CPU for a masked batch (flash)
+    eng.micro_step(packed, 0.0)
+    assert len(calls) == 4
+    eng.close()
 
 
 def _adapter_setup(tiny_dir, finetune, precision, dropout=0.0):

@@ -276,7 +276,7 @@ def test_two_ranks_under_zero2_train_as_the_study_on_two_gpus(tmp_path, tiny_dir
 # ------------------------------------------------------------------ pure bf16: no fp32 master weights
 
 @pytest.mark.parametrize("zero", [0, 2])
-def test_pure_bf16_steps_bf16_weights_with_bf16_adam_states(tiny_dir, one_thread, zero):
+def test_pure_bf16_steps_bf16_weights_with_bf16_adam_states(tiny_dir, one_thread, one_process_dist, zero):
     """The study's precision: AdamW steps the bf16 weights themselves, with bf16 moments. Five steps at an lr
     below half a bf16 ulp of most weights: a plain torch AdamW on the bf16 model (the study's) leaves those
     weights as they were, as remix_ds's pure bf16 does (without ZeRO: the client optimizer; ZeRO-2: DeepSpeed's
@@ -292,7 +292,7 @@ def test_pure_bf16_steps_bf16_weights_with_bf16_adam_states(tiny_dir, one_thread
     from remix_ds.engine import PURE_BF16, Engine, resolve_ds_config
     from remix_ds.model import load_for_training, load_tokenizer
 
-    dist.init()
+    assert dist.world_size() == 1
     lr, steps = 2e-5, 5
     tok = load_tokenizer(tiny_dir)
     batch = collate([encode_example(tok, e, i) for i, e in enumerate(kvr_examples(8, 0))], pad_id_of(tok))
