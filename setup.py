@@ -34,5 +34,7 @@ setup(
         "matplotlib>=3.7",
     ],
     entry_points={"console_scripts": ["remix-ds = remix_ds.console:main"]},
-    extras_require={"test": ["pytest>=7", "tensorboard>=2.14"], "tensorboard": ["tensorboard>=2.14"]},
+    extras_require={"test": ["pytest>=7", "tensorboard>=2.14", "wandb>=0.17", "mlflow-skinny>=2.10"],
+                    "tensorboard": ["tensorboard>=2.14"],
+                    "tracking": ["tensorboard>=2.14", "wandb>=0.17", "mlflow-skinny>=2.10"]},
 )

@@ -171,6 +171,7 @@ class StageSpec:
     track: bool = True            # teacher-forced accuracy of this and earlier factoid sets after every epoch
     probe: bool = False           # save the engine's logits on a few examples (checks that saving is exact)
     tensorboard: bool = False     # also write the train_log scalars as TensorBoard events (<stage dir>/tensorboard)
+    report_to: List[str] = field(default_factory=list)   # trackers: tensorboard, wandb, mlflow (remix_ds/tracking.py)
 
 
 @dataclass
@@ -679,6 +680,9 @@ def validate(recipe: Recipe, where: str) -> None:
                 raise ConfigError(f"{w}: checkpoint_minutes must be >= 0")
             if st.save_every < 0 or st.keep_checkpoints < 1:
                 raise ConfigError(f"{w}: save_every must be >= 0 and keep_checkpoints >= 1")
+            bad = [t for t in st.report_to if t not in ("tensorboard", "wandb", "mlflow")]
+            if bad:
+                raise ConfigError(f"{w}: report_to: unknown tracker {bad[0]!r} (known: tensorboard, wandb, mlflow)")
             if st.log_every < 1:
                 raise ConfigError(f"{w}: log_every must be at least 1")
 

@@ -37,6 +37,8 @@ def check_recipe(recipe: Recipe, variants: List[Variant]) -> None:
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
             check_combination(spec, ds_cfg, v.stages[k] if k < len(v.stages) else None, where)
+            from .tracking import check_trackers, requested
+            check_trackers(requested(spec), where)
     check_model_dir(recipe.model, "model")
     retention.check_retention(recipe)
 

@@ -12,8 +12,8 @@ in ``<output_dir>/<variant>/stage<k>/``:
 """
 from __future__ import annotations
 
-import importlib
 import json
+import re
 import logging
 import math
 import os
@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from . import dist, study
+from . import dist, study, tracking
 from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
 from .data.formatting import Encoded, collate, collate_packed, encode_examples, pad_id_of
@@ -81,7 +81,7 @@ def output_model(recipe: Recipe, variant: Variant, k: int) -> str:
 # retrains a complete stage nor stops a resume from the checkpoints of an interrupted one (packing gives every
 # example the loss it has padded, as the world size does, to floating-point rounding)
 OPERATIONAL_KEYS = ("log_every", "save_every", "keep_checkpoints", "resume", "tensorboard", "packing",
-                    "checkpoint_minutes")
+                    "checkpoint_minutes", "report_to")
 
 
 WIDTH_MULTIPLE_CUDA = 8
@@ -470,31 +470,12 @@ def truncate_log(path: Path, step: int) -> None:
 
 # ------------------------------------------------------------------ the stage
 
-def tensorboard_writer(out: Path, step: int):
-    """A SummaryWriter on ``out/tensorboard``; resuming at ``step``, events after it from before are dropped."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
-
-
-def tensorboard_scalars(row: Dict[str, Any]) -> Dict[str, float]:
-    """The numbers of one train_log.jsonl row under TensorBoard tags (train/*, teacher_forced_accuracy/*)."""
-    if "loss" in row:
-        keys = ("loss", "lr", "epoch", "tokens_per_s", "padfree_tokens_per_s", "padding")
-        return {f"train/{key}": float(row[key]) for key in keys if row.get(key) is not None}
-    return {f"teacher_forced_accuracy/{key}": float(v) for key, v in row.get("teacher_forced_accuracy", {}).items()}
-
-
 def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = None) -> Dict[str, Any]:
     """Train stage k of a variant (resuming from a checkpoint of its config) and write its outputs. ``h``: the
     stage hash, if the caller has it (the fingerprint loads the data of every stage up to k)."""
     spec: StageSpec = variant.stages[k - 1]
-    if spec.tensorboard:
-        try:
-            importlib.import_module("torch.utils.tensorboard")
-        except ImportError:
-            raise ConfigError(f"{variant.name}/stage{k}: tensorboard: true needs the tensorboard package "
-                              f"(pip install tensorboard, or pip install -e '.[tensorboard]')") from None
+    trackers_asked = tracking.requested(spec)
+    tracking.check_trackers(trackers_asked, f"{variant.name}/stage{k}")
     out = stage_dir(recipe, variant, k)
     h = h or stage_hash(fingerprint(recipe, variant, k))
     world, rank = dist.world_size(), dist.rank()
@@ -524,7 +505,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
         out.mkdir(parents=True, exist_ok=True)
         stale = ["DONE.json", "model", "adapter", "merged", "eval"]
         if resume_tag is None:
-            stale += ["train_log.jsonl", "checkpoints", "probe_logits.pt", "tensorboard"]
+            stale += ["train_log.jsonl", "checkpoints", "probe_logits.pt", "tensorboard", "wandb", "mlflow_run_id"]
         # and what a killed save left: <name>.tmp-<pid> directories and files (engine.atomic_save)
         for p in [out / name for name in stale] + sorted(out.glob("*.tmp-*")):
             shutil.rmtree(p) if p.is_dir() else (p.unlink() if p.exists() else None)
@@ -618,15 +599,18 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
                      state["step"], state["epoch"])
         dist.barrier()
     log_f = open(out / "train_log.jsonl", "a") if dist.is_main() else None
-    tb = tensorboard_writer(out, state["step"]) if spec.tensorboard and dist.is_main() else None
+    import dataclasses as _dc
+    tb = tracking.open_trackers(trackers_asked, out, state["step"], f"{variant.name}/stage{k}", recipe.name,
+                                {"stage": k, "variant": variant.name, "spec": _dc.asdict(spec)},
+                                re.sub(r"[^A-Za-z0-9_-]", "_", f"{recipe.name}-{variant.name}-stage{k}-{h}"),
+                                recipe.output_dir, dist.is_main())
 
     def record(obj):
         if log_f:
             log_f.write(json.dumps(obj) + "\n")
             log_f.flush()
         if tb is not None:
-            for tag, value in tensorboard_scalars(obj).items():
-                tb.add_scalar(tag, value, obj["step"])
+            tb.log(obj)
 
     t0 = time.time() - state["t"]
     step, below, last_loss, accs = state["step"], state["below"], state["last_loss"], state["accs"]
