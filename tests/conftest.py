@@ -39,23 +39,38 @@ def one_thread():
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def one_process_dist():
-    """torch.distributed on this test process alone (dist.init picks a free port), once for the whole session:
-    DeepSpeed caches its groups, so a group torn down and made again between tests is not usable. Its
-    environment (RANK, MASTER_PORT, ...) stays in os.environ, where DeepSpeed's engine looks for LOCAL_RANK, but
-    ``run_cli`` does not pass it on to the commands later tests run."""
+    """torch.distributed on this test process alone, as a one-process run has it: the process group (made once,
+    kept for later tests), the environment DeepSpeed's engine reads (LOCAL_RANK, ...) for the test's duration
+    (``run_cli`` never passes it on), and DeepSpeed's cached groups cleared, so that a group another test tore
+    down or replaced is not reused."""
     import torch.distributed as tdist
     from remix_ds import dist
 
     saved = {k: os.environ.pop(k, None) for k in DIST_ENV}
-    dist.init()
+    if not tdist.is_initialized():
+        _forget_deepspeed_group()
+        dist.init()
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    _forget_deepspeed_groups_cache()
     yield
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
-    _forget_deepspeed_group()
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _forget_deepspeed_groups_cache():
+    """DeepSpeed's module-level process groups (made lazily again when an engine needs them)."""
+    try:
+        import deepspeed.utils.groups as groups
+    except ImportError:
+        return
+    for name in list(vars(groups)):
+        if name.startswith("_") and name.endswith(("GROUP", "GROUP_RANKS")):
+            value = getattr(groups, name)
+            setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 def _forget_deepspeed_group():
@@ -65,6 +80,13 @@ def _forget_deepspeed_group():
         ds_comm.cdb = None
     except ImportError:
         pass
+
+
+def command_env(**extra) -> dict:
+    """The environment for a command a test starts: this process's, without its torch.distributed variables."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(extra)
+    return env
 
 
 def run_cli(args, cwd=None, timeout=900, env=None):

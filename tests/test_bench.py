@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import command_env, run_cli
 
 COMMON = {"bench_version", "run_id", "time", "shape", "precision", "batch", "seq", "world_size", "bench", "case",
           "status", "env"}
@@ -195,14 +195,13 @@ def test_gpu_wheels_script_names_the_installed_versions_of_what_the_gpu_machine_
     suite ran with), every package launch/bench_gpu.sh checks for that the GPU machine does not have, for its
     Python 3.12 on manylinux."""
     import importlib.metadata as md
-    import os
     import re
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     res = subprocess.run(["bash", str(root / "launch" / "gpu_wheels.sh"), "--dry-run"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHON": sys.executable})
+                         env=command_env(PYTHON=sys.executable))
     assert res.returncode == 0, res.stderr
     pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s]*)", res.stdout))
     assert pins["deepspeed"] == md.version("deepspeed") and pins["bitsandbytes"] == md.version("bitsandbytes")

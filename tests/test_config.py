@@ -146,7 +146,8 @@ def test_fingerprint_ignores_logging_keys_only(tmp_path):
 
     ref = hashes([])
     logging_only = ["stage1.log_every=3", "stage1.save_every=4", "stage1.keep_checkpoints=5",
-                    "stage1.resume=never", "stage1.tensorboard=true", "stage1.packing=false"]
+                    "stage1.resume=never", "stage1.tensorboard=true", "stage1.packing=false",
+                    "stage1.checkpoint_minutes=5", "stage1.report_to=[tensorboard]"]
     assert len(logging_only) == len(OPERATIONAL_KEYS)
     assert hashes(logging_only) == ref
     lr = hashes(["stage1.lr=0.001"])

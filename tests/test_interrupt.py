@@ -1,13 +1,12 @@
 """Ctrl-C during a stage: a checkpoint at the next step boundary, a message that says where it stopped and what
 a rerun does, exit status 130; the rerun resumes there. Progress under a stopping rule counts epochs."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-from conftest import REPO, TINY_AB_HEADER, write_recipe
+from conftest import REPO, TINY_AB_HEADER, command_env, write_recipe
 
 BODY = """stage1: {{data: A, finetune: full, stop: accuracy, epochs: 400, lr: 1.0e-5, global_batch_size: 4,
           track: false, log_every: 1}}
@@ -18,7 +17,7 @@ stage2: {{data: B, finetune: full, epochs: 1}}
 def test_ctrl_c_checkpoints_says_where_and_the_rerun_resumes(tmp_path, tiny_dir):
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", (TINY_AB_HEADER + BODY).format(name="int", out=out))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = command_env(PYTHONPATH=str(REPO))
     cmd = [sys.executable, "launch/stage1.py", "-c", str(recipe)]
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = out / "default" / "stage1" / "train_log.jsonl"

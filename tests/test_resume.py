@@ -10,7 +10,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, read_tensorboard, run_cli, write_recipe
+from conftest import REPO, command_env, read_tensorboard, run_cli, write_recipe
 
 RECIPE = """
 name: resume
@@ -35,7 +35,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
 
     out_b = tmp_path / "b"
     stage_b = out_b / "full" / "stage1"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = command_env(PYTHONPATH=str(REPO))
     cmd = [sys.executable, "launch/stage1.py", "--config", str(recipe), f"output_dir={out_b}",
            "stage1.tensorboard=true"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

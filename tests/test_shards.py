@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, TINY_AB_HEADER, run_cli, write_recipe
+from conftest import REPO, TINY_AB_HEADER, command_env, run_cli, write_recipe
 
 BODY = """eval: {{batch_size: 16, scorer: teacher-forced}}
 stage1: {{data: A, finetune: full, stop: fixed, epochs: 3, lr: 2.0e-3, global_batch_size: 8, track: false}}
@@ -22,7 +22,7 @@ KEYS = ("acc_A_after_stage1", "acc_A_after_stage2", "acc_B_after_stage2", "forge
 
 def test_two_shards_at_once_into_one_output_dir_report_as_one_run(tmp_path, tiny_dir):
     recipe = write_recipe(tmp_path / "r.yaml", (TINY_AB_HEADER + BODY).format(name="shards", out=tmp_path / "sharded"))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = command_env(PYTHONPATH=str(REPO))
     # shard 0/2 runs full, 1/2 runs lora
     dry = run_cli([sys.executable, "launch/pipeline.py", "-c", str(recipe), "--shard", "1/2", "--dry-run"])
     assert dry.returncode == 0 and "| lora | 1 |" in dry.stdout and "| full |" not in dry.stdout, dry.stdout
