@@ -177,7 +177,7 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch)
     p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
     r = load_recipe(str(p), ["stage1.tensorboard=true"])
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import fails as if not installed
-    with pytest.raises(ConfigError, match="tensorboard: true needs the tensorboard package"):
+    with pytest.raises(ConfigError, match="report_to: tensorboard needs the tensorboard package"):
         train_stage(r, r.variants[0], 1)
     assert not (tmp_path / "run").exists()                     # refused before anything was written
 
