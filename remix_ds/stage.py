@@ -108,6 +108,53 @@ def examples_digest(examples) -> str:
     return h.hexdigest()[:16]
 
 
+# The keys every stage fingerprint has hashed since before 2026-12-04, per spec class. A key added to one of these
+# classes later is hashed only where a recipe sets it away from its default, so a release that adds a key
+# retrains no finished stage (a stage that never set it keeps its hash). Never add a key to these sets.
+HASHED_KEYS = {
+    "StageSpec": frozenset({"data", "finetune", "lora", "mix", "stop", "epochs", "lr", "weight_decay", "betas",
+                            "warmup_ratio", "grad_clip", "global_batch_size", "micro_batch_size", "ds_config",
+                            "merge", "loss_threshold", "loss_patience", "save_dtype", "gradient_checkpointing",
+                            "adapt_zero", "track", "probe"}),
+    "LoraSpec": frozenset({"r", "alpha", "dropout", "target_modules"}),
+    "MixSpec": frozenset({"source", "ratio", "prompt_words", "target_words", "seed", "path", "name", "config", "split",
+                          "revision", "streaming", "pool", "text_field", "data"}),
+    "DatasetSpec": frozenset({"source", "num_examples", "seed", "path", "name", "config", "split", "revision",
+                              "streaming", "pool", "skip", "shuffle", "format", "factoid", "overlong"}),
+}
+
+
+def _field_default(f) -> Any:
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:   # type: ignore[misc]
+        return f.default_factory()                     # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def stable_asdict(obj: Any) -> Any:
+    """``dataclasses.asdict`` of a spec for its fingerprint: every key of ``HASHED_KEYS``, and a key added since
+    only when it differs from its default (the same dict as asdict for a spec that sets no new key)."""
+    import copy
+    import dataclasses
+
+    if not dataclasses.is_dataclass(obj):
+        return copy.deepcopy(obj)
+    legacy = next((HASHED_KEYS[c.__name__] for c in type(obj).__mro__ if c.__name__ in HASHED_KEYS), None)
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        default = _field_default(f)
+        if legacy is not None and f.name not in legacy and default is not dataclasses.MISSING:
+            if (dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value) == \
+                    (dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default):
+                continue
+        out[f.name] = stable_asdict(value)
+    return out
+
+
 def fingerprint(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     """Everything that determines stage k's output (including all earlier stages): the stage's keys but the
     operational ones, what it trains on (the examples themselves, not only the data spec), the recipe-wide
@@ -115,12 +162,12 @@ def fingerprint(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
     import dataclasses
 
     spec = variant.stages[k - 1]
-    stage = {key: v for key, v in dataclasses.asdict(spec).items() if key not in OPERATIONAL_KEYS}
+    stage = {key: v for key, v in stable_asdict(spec).items() if key not in OPERATIONAL_KEYS}
     # packing was a training key with default true before it became operational: hashed at that value, so
     # the stages of earlier runs keep their hashes (and are not retrained)
     stage["packing"] = True
     fp = {"stage": stage, "examples": examples_digest(stage_train_set(recipe, spec, k)[1]),
-          "data": dataclasses.asdict(recipe.datasets[spec.data]),
+          "data": stable_asdict(recipe.datasets[spec.data]),
           "seed": recipe.seed, "precision": recipe.precision, "max_seq_length": recipe.max_seq_length,
           "ds_config": load_ds_config(spec.ds_config or recipe.ds_config)}
     if recipe.study:   # only then: the fingerprints of remix_ds's own semantics are those of earlier releases

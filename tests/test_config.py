@@ -412,3 +412,56 @@ def test_a_cached_hub_model_passes_the_check_offline(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         check_hub_model("org/other")
+
+
+def _fingerprint_before_stable_keys(recipe, variant, k):
+    """The stage fingerprint as the release of 2026-12-02 computed it (dataclasses.asdict of every spec)."""
+    import dataclasses
+
+    from remix_ds.data import stage_train_set
+    from remix_ds.engine import load_ds_config
+    from remix_ds.stage import OPERATIONAL_KEYS, examples_digest
+
+    spec = variant.stages[k - 1]
+    stage = {key: v for key, v in dataclasses.asdict(spec).items() if key not in OPERATIONAL_KEYS}
+    stage["packing"] = True
+    fp = {"stage": stage, "examples": examples_digest(stage_train_set(recipe, spec, k)[1]),
+          "data": dataclasses.asdict(recipe.datasets[spec.data]), "seed": recipe.seed, "precision": recipe.precision,
+          "max_seq_length": recipe.max_seq_length, "ds_config": load_ds_config(spec.ds_config or recipe.ds_config)}
+    if k == 1:
+        fp["model"] = recipe.model
+        if recipe.model == "tiny":
+            fp["tiny"] = dataclasses.asdict(recipe.tiny)
+    else:
+        fp["previous"] = _fingerprint_before_stable_keys(recipe, variant, k - 1)
+    return fp
+
+
+def test_a_stage_key_added_at_its_default_keeps_every_finished_stage(tmp_path, tiny_dir):
+    """Stable fingerprints: today's recipes hash as the previous release did, and a stage or dataset key added
+    to the schema changes the hash only of a stage that sets it away from its default."""
+    import dataclasses
+
+    from remix_ds.config import DEMO_RECIPE, StageSpec, stage_hash
+    from remix_ds.stage import fingerprint
+
+    demo = load_recipe(str(DEMO_RECIPE), [f"output_dir={tmp_path / 'demo'}"])
+    for v in demo.variants:
+        for k in (1, 2):
+            assert stage_hash(fingerprint(demo, v, k)) == stage_hash(_fingerprint_before_stable_keys(demo, v, k))
+
+    @dataclasses.dataclass
+    class StageSpecNext(StageSpec):   # a later release's schema, with one more training key
+        new_regularizer: str = "none"
+        new_weight: float = 0.0
+
+    def with_new(spec, **kw):
+        return StageSpecNext(**{**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}, **kw})
+
+    v = demo.variants[0]
+    before = [stage_hash(fingerprint(demo, v, k)) for k in (1, 2)]
+    v.stages = [with_new(s) for s in v.stages]
+    assert [stage_hash(fingerprint(demo, v, k)) for k in (1, 2)] == before
+    v.stages[1] = with_new(v.stages[1], new_regularizer="kl", new_weight=0.1)
+    after = [stage_hash(fingerprint(demo, v, k)) for k in (1, 2)]
+    assert after[0] == before[0] and after[1] != before[1]
