@@ -519,13 +519,15 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
             m = STAGE_KEY.match(str(key))
             if not m or int(m.group(1)) > n_stages:
                 raise ConfigError(f"{vwhere}: unknown key {key!r} (a variant holds name and stage1..stage{n_stages})")
+        # semantics: study takes every stage's stopping rule from D_A, this variant's stage-1 dataset
+        d_a = datasets.get(str(deep_merge(stage_defaults[1] or {}, vraw.get("stage1") or {}).get("data"))) \
+            if study_defaults else None
         for s in range(1, n_stages + 1):
             merged = deep_merge(stage_defaults[s] or {}, vraw.get(f"stage{s}") or {})
             if merged.get("mix") in (None, "none", False):
                 merged.pop("mix", None)
             if study_defaults:
-                first = deep_merge(stage_defaults[1] or {}, vraw.get("stage1") or {})
-                study_stage_defaults(merged, datasets.get(str(first.get("data")), None), s)
+                study_stage_defaults(merged, d_a, s)
             stages.append(build_dataclass(StageSpec, merged, f"{vwhere} ({name}).stage{s}"))
         variants.append(Variant(name=name, stages=stages))
 

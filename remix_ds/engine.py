@@ -387,7 +387,7 @@ def packed_sdpa_backends(device: torch.device) -> Optional[list]:
     torch prefers cuDNN attention on sm90/sm100 GPUs (H100, H200) when the cuDNN is 9.15 or newer, and cuDNN
     builds an execution graph on the host for every new problem shape (rows, heads, lengths, mask); packed
     micro-batches change rows and width at nearly every step, so each step would pay a graph build. The
-    memory-efficient kernel takes the same mask with no per-shape graph. (Session 5's H100 measured packed steps
+    memory-efficient kernel takes the same mask with no per-shape graph. (An H100 run of 2026-11-27 measured packed steps
     at 0.49x the speed of padded ones with torch's choice; the cause is not yet confirmed: launch/bench.py times
     both, docs/benchmarks.md.)"""
     if device.type != "cuda":
@@ -632,6 +632,15 @@ def atomic_save(out_dir: str, write: Callable[[str], Any]) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def read_json(path: Any) -> Any:
+    """A JSON file's content, or None where it is missing or unreadable (a killed write, another format)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 from . import dist, retention
 from .config import Recipe, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
-from .engine import load_ds_config, offloads_params, resolve_precision, write_json_atomic
+from .engine import load_ds_config, offloads_params, read_json, resolve_precision, write_json_atomic
 from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
 from .metrics import is_task_source
@@ -132,7 +132,7 @@ def eval_after_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] 
     results: Dict[str, Dict[str, Any]] = {}
     todo = []
     for key in eval_keys(recipe, variant, k):
-        prev = _read_json(d / f"{key}.json")
+        prev = read_json(d / f"{key}.json")
         if _eval_is_current(prev, h, recipe, scorer):
             results[key] = prev
         else:
@@ -160,15 +160,6 @@ def eval_after_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] 
     return results
 
 
-def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    import json
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def stored_results(recipe: Recipe, variant: Variant) -> Optional[List[Dict[str, Any]]]:
     """Every stage's summary and evaluation of a variant as its complete, current outputs hold them (no
     training, no scoring), or None if any stage or evaluation is missing or stale."""
@@ -180,7 +171,7 @@ def stored_results(recipe: Recipe, variant: Variant) -> Optional[List[Dict[str, 
             return None
         ev = {}
         for key in eval_keys(recipe, variant, k):
-            prev = _read_json(stage_dir(recipe, variant, k) / "eval" / f"{key}.json")
+            prev = read_json(stage_dir(recipe, variant, k) / "eval" / f"{key}.json")
             if not _eval_is_current(prev, h, recipe, scorer):
                 return None
             ev[key] = prev
@@ -198,10 +189,8 @@ def identical_stage(recipe: Recipe, variant: Variant, k: int, h: str) -> Optiona
     for other in recipe.variants:
         if other.name == variant.name or len(other.stages) < k:
             continue
-        d = stage_dir(recipe, other, k)
-        done = read_done(d)
-        if done and done.get("hash") == h and is_complete(recipe, other, k, h):
-            return d
+        if is_complete(recipe, other, k, h):   # its DONE.json has this hash and its output is there
+            return stage_dir(recipe, other, k)
     return None
 
 
@@ -410,7 +399,7 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
             if is_complete(recipe, v, k, h) and not upstream_changes:
                 action, why = "complete", "kept"
                 todo = [key for key in eval_keys(recipe, v, k)
-                        if not _eval_is_current(_read_json(d / "eval" / f"{key}.json"), h, recipe, scorer)]
+                        if not _eval_is_current(read_json(d / "eval" / f"{key}.json"), h, recipe, scorer)]
                 todo += [x for x in ret_names if x not in retention.stored_after_stage(recipe, v, k, h)]
                 evaluation = "cached" if not todo else "to score: " + ", ".join(todo)
             else:
@@ -533,7 +522,7 @@ def report_only(recipe: Recipe, variant_names: Optional[List[str]] = None) -> Di
                           f"{recipe.output_dir} (see --dry-run)")
     if missing:
         log.warning("left out of the report (not finished, or of another config): %s", ", ".join(missing))
-    cfg = _read_json(stage_dir(recipe, recipe.variant(rows[0]["name"]), 1) / "config.json") or {}
+    cfg = read_json(stage_dir(recipe, recipe.variant(rows[0]["name"]), 1) / "config.json") or {}
     report = report_dict(recipe, rows, cfg.get("world_size", 1))
     write_report(report, recipe.output_dir)
     return report

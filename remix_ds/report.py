@@ -426,6 +426,20 @@ def _settled(xs: List[float], series: List[List[Optional[float]]], share: float 
     return out
 
 
+def _retention_lines(ax, rows, names, color, dodge, marker: str) -> None:
+    """One line per variant and retention set on `ax`: the set's value on the base model, then after each stage
+    (x 0, 1, ...; each variant shifted by its `dodge` so that equal values stay visible), a line style per set."""
+    for si, name in enumerate(names):
+        for r in rows:
+            x = (r.get("retention") or {}).get(name)
+            if not x:
+                continue
+            ys = [x.get("base")] + list(x.get("after") or [])
+            pts = [(i + dodge[r["name"]], y) for i, y in enumerate(ys) if y is not None]
+            ax.plot([i for i, _ in pts], [y for _, y in pts], color=color[r["name"]],
+                    ls=STYLES[si % len(STYLES)], marker=marker, markersize=4, lw=1.4)
+
+
 def plot_forgetting(report: Dict[str, Any], curves: Dict[str, Dict[str, Any]], path: str) -> str:
     """forgetting.png. Top row: D_A accuracy after each stage (bars; a zero bar shows as its outline at 0), D_A
     per epoch of stage 1, and from the end of stage 1 the D_A forgetting curve beside the D_B learning curve
@@ -533,30 +547,14 @@ def plot_forgetting(report: Dict[str, Any], curves: Dict[str, Dict[str, Any]], p
         # variants side by side around each model's x, so that equal values do not hide one another
         dodge = {r["name"]: (i - (len(rows) - 1) / 2) * min(0.05, 0.3 / max(1, len(rows))) for i, r in enumerate(rows)}
         dx = fig.add_subplot(gs[1, 0])
-        for pi, name in enumerate(probes):
-            for r in rows:
-                x = (r.get("retention") or {}).get(name)
-                if not x:
-                    continue
-                ys = [x.get("base")] + list(x.get("after") or [])
-                pts = [(i + dodge[r["name"]], y) for i, y in enumerate(ys) if y is not None]
-                dx.plot([i for i, _ in pts], [y for _, y in pts], color=color[r["name"]],
-                        ls=STYLES[pi % len(STYLES)], marker="s", markersize=4, lw=1.4)
+        _retention_lines(dx, rows, probes, color, dodge, "s")
         dx.set_xticks(range(len(labels)))
         dx.set_xticklabels(labels)
         dx.set_ylim(-0.03, 1.03)
         dx.set_ylabel("accuracy")
         dx.set_title("known facts kept: " + ", ".join(probes) if probes else "no probe set", fontsize=10)
         ex = fig.add_subplot(gs[1, 1])
-        for ti, name in enumerate(texts):
-            for r in rows:
-                x = (r.get("retention") or {}).get(name)
-                if not x:
-                    continue
-                ys = [x.get("base")] + list(x.get("after") or [])
-                pts = [(i + dodge[r["name"]], y) for i, y in enumerate(ys) if y is not None]
-                ex.plot([i for i, _ in pts], [y for _, y in pts], color=color[r["name"]],
-                        ls=STYLES[ti % len(STYLES)], marker="D", markersize=4, lw=1.4)
+        _retention_lines(ex, rows, texts, color, dodge, "D")
         ex.set_xticks(range(len(labels)))
         ex.set_xticklabels(labels)
         ex.set_ylabel("loss per token (nats)")

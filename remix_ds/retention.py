@@ -37,6 +37,7 @@ import torch
 from . import dist
 from .config import Recipe, Variant, stage_hash
 from .data.example import Example
+from .engine import read_json
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -337,14 +338,6 @@ def score_probe(model, tok, examples: List[Example], recipe: Recipe) -> Dict[str
     return {"n": len(examples), "correct": c, "accuracy": c / len(examples)}
 
 
-def _read(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _write(path: Path, obj: Dict[str, Any]) -> None:
     from .engine import write_json_atomic
 
@@ -380,7 +373,7 @@ def probe_sets(recipe: Recipe, base: Optional[LazyModel] = None) -> Dict[str, Di
         d = Path(recipe.output_dir) / DIR / "known" / p.name
         key = {"pool": examples_key(pool), "model": base_hash(recipe), "scorer": recipe.retention.scorer,
                "version": VERSION}
-        counts = _read(d / "counts.json")
+        counts = read_json(d / "counts.json")
         # rank 0 decides: another rank must not find the file rank 0 has just written and skip the collectives
         if dist.broadcast_object(bool(counts and counts.get("retention_key") == key and (d / "known.jsonl").is_file())):
             examples = _read_known(d / "known.jsonl")
@@ -415,7 +408,7 @@ def score_model(recipe: Recipe, out_dir: Path, h: str, loader: LazyModel,
                "scorer": "text-loss" if is_text else recipe.retention.scorer,
                "max_seq_length": recipe.max_seq_length if is_text else None}
         fname = out_dir / f"{name.replace(':', '_')}.json"
-        prev = _read(fname)
+        prev = read_json(fname)
         if dist.broadcast_object(bool(prev and prev.get("key") == key)):
             results[name] = dict(prev or {}, what=pset["what"])   # the description as this version words it
             continue
@@ -437,7 +430,7 @@ def stored(recipe: Recipe, out_dir: Path, h: str) -> Dict[str, Dict[str, Any]]:
     out = {}
     if out_dir.is_dir():
         for f in sorted(out_dir.glob("*.json")):
-            r = _read(f)
+            r = read_json(f)
             if r and isinstance(r.get("key"), dict) and r["key"].get("hash") == h and r["key"].get("version") == VERSION:
                 out[r["name"]] = r
     return out
@@ -465,7 +458,7 @@ def base_results(recipe: Recipe) -> Dict[str, Any]:
         examples = dataset_examples(recipe, key)
         ck = {"hash": h, "data": examples_key(examples), "scorer": scorer, "batch_size": recipe.eval.batch_size,
               "max_new_tokens": recipe.eval.max_new_tokens, "metrics_version": METRICS_VERSION}
-        prev = _read(d / "eval" / f"{key}.json")
+        prev = read_json(d / "eval" / f"{key}.json")
         if dist.broadcast_object(bool(prev and prev.get("key") == ck)):
             ev[key] = prev
             continue
@@ -487,7 +480,7 @@ def stored_base(recipe: Recipe) -> Optional[Dict[str, Any]]:
     res = stored(recipe, d, h)
     ev = {}
     for f in sorted((d / "eval").glob("*.json")) if (d / "eval").is_dir() else []:
-        r = _read(f)
+        r = read_json(f)
         if r and isinstance(r.get("key"), dict) and r["key"].get("hash") == h:
             ev[f.stem] = r
     return {"retention": res, "eval": ev} if res or ev else None

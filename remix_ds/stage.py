@@ -30,8 +30,9 @@ from . import dist, study, tracking
 from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
 from .data.formatting import Encoded, collate, collate_packed, encode_examples, pad_id_of
-from .engine import (PURE_BF16, Engine, adapt_zero_stage, adapter_tensor_size, load_ds_config, resolve_ds_config,
-                     resolve_precision, torch_dtype, write_json_atomic, zero_stage)
+from .engine import (PURE_BF16, Engine, adapt_zero_stage, adapter_tensor_size, load_ds_config, offloads_optimizer,
+                     offloads_params, read_json, resolve_ds_config, resolve_precision, torch_dtype,
+                     uses_torch_autocast, write_json_atomic, zero_stage)
 from .errors import ConfigError
 from .evaluate import teacher_forced_accuracy
 from .adapters import local_model_dir, streaming_merge
@@ -182,11 +183,7 @@ def fingerprint(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
 
 
 def read_done(d: Path) -> Optional[Dict[str, Any]]:
-    try:
-        with open(d / "DONE.json") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_json(d / "DONE.json")
 
 
 def config_change(recipe: Recipe, variant: Variant, k: int) -> Optional[str]:
@@ -194,10 +191,8 @@ def config_change(recipe: Recipe, variant: Variant, k: int) -> Optional[str]:
     config.json), in words; None when there is no record of an earlier start."""
     import dataclasses
 
-    try:
-        with open(stage_dir(recipe, variant, k) / "config.json") as f:
-            old = json.load(f)
-    except (OSError, ValueError):
+    old = read_json(stage_dir(recipe, variant, k) / "config.json")
+    if old is None:
         return None
     new = json.loads(json.dumps(dataclasses.asdict(variant.stages[k - 1]), default=str))
     keys = sorted(key for key in set(new) | set(old.get("spec", {}))
@@ -241,7 +236,8 @@ def recipe_settings(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
                 used.append(key)
     spec = variant.stages[k - 1]
     settings = {"seed": recipe.seed, "precision": recipe.precision, "max_seq_length": recipe.max_seq_length,
-                "semantics": recipe.semantics, "study_except": sorted(recipe.study_except), "ds_config": spec.ds_config or recipe.ds_config,
+                "semantics": recipe.semantics, "study_except": sorted(recipe.study_except),
+                "ds_config": spec.ds_config or recipe.ds_config,
                 "model": recipe.model, "datasets": {key: dataclasses.asdict(recipe.datasets[key]) for key in used}}
     if recipe.model == "tiny":
         settings["tiny"] = dataclasses.asdict(recipe.tiny)
@@ -405,8 +401,6 @@ def study_global_step(eng: Engine, slots: List[List[Encoded]], world: int, gas: 
 
 def describe_zero(cfg: Dict[str, Any], name: str) -> str:
     """The ZeRO stage a stage really runs, in words (the ds_config's name is only what was asked for)."""
-    from .engine import offloads_optimizer, offloads_params, uses_torch_autocast
-
     z = zero_stage(cfg)
     what = f"ZeRO-{z}" if z else "no ZeRO"
     off = [x for x, on in (("optimizer", offloads_optimizer(cfg)), ("parameters", offloads_params(cfg))) if on]
@@ -424,13 +418,13 @@ class StageInterrupted(KeyboardInterrupt):
 class InterruptAtStep:
     """The first SIGINT (Ctrl-C) asks the stage loop to stop at the next step boundary, where it writes a
     checkpoint (a rerun resumes from it exactly); a second one interrupts at once. Installed only in the main
-    thread of the process."""
+    thread of the process; ``restore`` puts the previous handler back."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
 
-    def __enter__(self):
+    def install(self) -> "InterruptAtStep":
         import signal
         import threading
 
@@ -446,11 +440,12 @@ class InterruptAtStep:
             print("\ninterrupt: stopping at the end of this step to write a checkpoint (Ctrl-C again to stop at "
                   "once)", file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         import signal
 
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -464,10 +459,8 @@ def latest_checkpoint(root: Path, h: str, layout: Optional[Dict[str, Any]] = Non
     best = None
     if root.is_dir():
         for d in root.iterdir():
-            marker = d / "COMPLETE.json"
-            try:
-                info = json.load(open(marker))
-            except (OSError, ValueError):
+            info = read_json(d / "COMPLETE.json")
+            if info is None:
                 continue
             if info.get("hash") == h and (best is None or info["step"] > best[0]):
                 best = (info["step"], d.name, info)
@@ -598,9 +591,11 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
                           f"{world} ranks (the study's loader drops a short last batch); lower global_batch_size")
     width = study.pad_width(enc) if study_pad else 0
     eos = tok.eos_token_id
-    # the study's padding with remix_ds's order (study_except: [order]): EOS-labelled padding to `width`
-    study_make = (lambda mb: study.collate(mb, eos, width)) if width and plan is None else None
-    study_count = (lambda e: study.labelled_count(e, width)) if study_make else None
+    # the study's EOS-labelled padding to `width`, and the positions it trains per example (with remix_ds's order,
+    # study_except: [order], global_step takes both); the study's micro-batches are padded one way or the other
+    study_make = (lambda mb: study.collate(mb, eos, width)) if width else None
+    study_count = (lambda e: study.labelled_count(e, width)) if width else None
+    plan_make = study_make or (lambda mb: collate(mb, pad))
     # rows of at most this many tokens (0: padding); the study's batches are padded
     pack = recipe.max_seq_length if packs(spec.packing) and not (study_order or study_pad) else 0
     steps_per_epoch = len(plan) if plan is not None else math.ceil(len(enc) / G)
@@ -716,13 +711,13 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
             return {"below": f"{below}/{spec.loss_patience}"}
         return {}
 
-    interrupt = InterruptAtStep().__enter__()
+    interrupt = InterruptAtStep().install()
     stop_asked = False
 
     def stop_interrupted(next_epoch: int, next_s: int) -> None:
         """Ctrl-C: a checkpoint at this step boundary, then out of the stage with where it stopped."""
         bar.close()
-        interrupt.__exit__()
+        interrupt.restore()
         checkpoint(next_epoch, next_s, force=True)
         raise StageInterrupted(
             f"{variant.name}/stage{k} interrupted after step {step} (epoch {epoch + 1}); checkpoint "
@@ -741,8 +736,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
             else:
                 slots = [[enc[i] for i in slot] for slot in plan[s]]
                 chunk = [e for slot in slots for e in slot]
-                make = (lambda mb: study.collate(mb, eos, width)) if width else (lambda mb: collate(mb, pad))
-                means, last, n_mb = study_global_step(eng, slots, world, gas, rank, make, ran)
+                means, last, n_mb = study_global_step(eng, slots, world, gas, rank, plan_make, ran)
                 window_loss += means
                 window_last = last
                 window_tokens += n_mb   # the loss is a mean of micro-batch means: count micro-batches
@@ -821,7 +815,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
         checkpoint(epoch + 1, 0, force=bool(minutes))
         t_win = time.time()   # the epoch's evaluation and checkpoint are not training time
     bar.close()
-    interrupt.__exit__()
+    interrupt.restore()
     train_seconds = time.time() - t0
     tp = throughput(tokens["real"], tokens["ran"], tokens["seconds"])   # the whole stage
     if dist.is_main() and tp["tokens_per_s"] is not None:

@@ -55,7 +55,21 @@ def scalars(row: Dict[str, Any]) -> Dict[str, float]:
     return {f"teacher_forced_accuracy/{key}": float(v) for key, v in row.get("teacher_forced_accuracy", {}).items()}
 
 
-class _TensorBoard:
+class _Tracker:
+    """What the stage calls on a tracker; flush (before a checkpoint) does nothing where the tracker's own client
+    writes as it goes."""
+
+    def log(self, values: Dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _TensorBoard(_Tracker):
     def __init__(self, out: Path, step: int, **_):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -72,7 +86,7 @@ class _TensorBoard:
         self.w.close()
 
 
-class _WandB:
+class _WandB(_Tracker):
     def __init__(self, out: Path, step: int, run_name: str, project: str, config: Dict[str, Any], run_id: str):
         import wandb
 
@@ -82,14 +96,11 @@ class _WandB:
     def log(self, values: Dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
 
-    def flush(self) -> None:
-        pass
-
     def close(self) -> None:
         self.run.finish()
 
 
-class _MLflow:
+class _MLflow(_Tracker):
     def __init__(self, out: Path, step: int, run_name: str, project: str, config: Dict[str, Any], run_id: str,
                  output_dir: str):
         import mlflow
@@ -110,9 +121,6 @@ class _MLflow:
     def log(self, values: Dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(values, step=step)
 
-    def flush(self) -> None:
-        pass
-
     def close(self) -> None:
         self.mlflow.end_run()
 
@@ -132,7 +140,7 @@ class Trackers:
 
     def __init__(self, names: List[str], out: Path, step: int, run_name: str, project: str,
                  config: Dict[str, Any], run_id: str, output_dir: str):
-        self.items: List[Any] = []
+        self.items: List[_Tracker] = []
         kw = dict(run_name=run_name, project=project, config=config, run_id=run_id)
         for name in names:
             if name == "tensorboard":

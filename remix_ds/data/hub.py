@@ -30,12 +30,17 @@ def hub_label(hub_id: str, config: Optional[str], split: Optional[str], revision
     return parts[0] + (f" [{', '.join(parts[1:])}]" if len(parts) > 1 else "")
 
 
-def _failure(e: BaseException, what: str, label: str, fix: str) -> DataError:
+def _short(e: BaseException, limit: int) -> str:
+    """An exception as one line of at most `limit` characters (and " ...")."""
     text = f"{type(e).__name__}: {e}".strip()
-    unreachable = isinstance(e, (ConnectionError, TimeoutError)) or any(h in text.lower() for h in UNREACHABLE_HINTS)
+    return text[:limit] + " ..." if len(text) > limit else text
+
+
+def _failure(e: BaseException, what: str, label: str, fix: str) -> DataError:
+    full = f"{type(e).__name__}: {e}".lower()
+    unreachable = isinstance(e, (ConnectionError, TimeoutError)) or any(h in full for h in UNREACHABLE_HINTS)
+    text = _short(e, 400)
     why = "the Hugging Face hub is unreachable" if unreachable else "datasets.load_dataset failed"
-    if len(text) > 400:
-        text = text[:400] + " ..."
     return DataError(f"{what}: cannot load {label}: {why} ({text}). To use local files instead, download the "
                      f"data where the hub is reachable (datasets.load_dataset(...).save_to_disk(DIR), or the "
                      f"dataset's own .json/.jsonl/.parquet files) and {fix}; see docs/datasets.md")
@@ -97,18 +102,15 @@ def check_hub_model(model_id: str, what: str = "model", timeout: float = HUB_TIM
                           f"HF_HUB_OFFLINE is set: {fix}")
     try:
         get_hf_file_metadata(hf_hub_url(model_id, "config.json"), timeout=timeout)
-    except (hf_errors.GatedRepoError,) as e:
+    except hf_errors.GatedRepoError:
         raise ConfigError(f"{what} {model_id!r}: a gated model on the hub: accept its terms on its hub page and "
                           f"log in (hf auth login / HF_TOKEN), or {fix}") from None
-    except (hf_errors.RepositoryNotFoundError,) as e:
+    except hf_errors.RepositoryNotFoundError:
         raise ConfigError(f"{what} {model_id!r}: no such local directory, and no model of that id on the hub (or "
                           f"a private one: log in with hf auth login / HF_TOKEN)") from None
-    except (hf_errors.EntryNotFoundError,) as e:
+    except hf_errors.EntryNotFoundError:
         raise ConfigError(f"{what} {model_id!r}: the hub repository has no config.json: not a transformers "
                           f"model") from None
     except Exception as e:  # no network, DNS, timeout, proxy, server error
-        text = f"{type(e).__name__}: {e}".strip()
-        if len(text) > 200:
-            text = text[:200] + " ..."
         raise ConfigError(f"{what} {model_id!r}: not a local directory and not in the local hub cache, and the "
-                          f"Hugging Face hub is unreachable ({text}): {fix}") from None
+                          f"Hugging Face hub is unreachable ({_short(e, 200)}): {fix}") from None
