@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .engine import atomic_save
+from .files import atomic_save
 from .errors import ConfigError
 from .model import is_adapter_dir
 

@@ -26,7 +26,7 @@ import torch
 from . import dist
 from .data.example import Example
 from .data.formatting import answer_ids, pad_id_of, prompt_ids
-from .engine import write_json_atomic
+from .files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def analyze(recipe, variants: Optional[List[str]] = None, stages: Optional[List[
             max_examples: Optional[int] = None, out_dir: Optional[str] = None, plot: bool = True) -> Dict[str, Any]:
     """The logit lens of every (variant, stage) model of a run on D_A; writes json/md/png on rank 0."""
     from .data import dataset_examples
-    from .engine import resolve_precision, torch_dtype
+    from .zero import resolve_precision, torch_dtype
     from .errors import ConfigError
     from .model import load_for_eval, load_tokenizer
 

@@ -364,7 +364,7 @@ class PlainCase(TrainCase):
         from transformers import AutoModelForCausalLM
 
         from . import dist
-        from .engine import torch_dtype
+        from .zero import torch_dtype
 
         self.device, self.pad = device, pad
         self.world, self.rank = dist.world_size(), dist.rank()
@@ -398,7 +398,7 @@ class PlainCase(TrainCase):
 
     def step(self, chunk) -> torch.Tensor:
         from .data.formatting import collate
-        from .engine import token_loss_sum
+        from .objective import token_loss_sum
         from .stage import split_global_batch
 
         n_tok = sum(e.num_answer_tokens for e in chunk)
@@ -428,7 +428,8 @@ class RemixCase(TrainCase):
         from transformers import AutoConfig
 
         from . import dist, stage
-        from .engine import Engine, adapter_tensor_size, resolve_ds_config, torch_dtype
+        from .engine import Engine
+        from .zero import adapter_tensor_size, resolve_ds_config, torch_dtype
         from .model import load_for_training
 
         self.stage, self.pad, self.pack = stage, pad, pack
@@ -440,7 +441,7 @@ class RemixCase(TrainCase):
                                         grad_accum=self.gas, grad_clip=GRAD_CLIP, precision=precision,
                                         hidden_size=mcfg.hidden_size, finetune=mode, adapt=adapt,
                                         adapter_tensor_size=adapter_tensor_size(lora.r, mcfg))
-        from .engine import zero_stage
+        from .zero import zero_stage
         from .model import release_zero3
 
         self.keep = None
@@ -609,7 +610,7 @@ class Bench:
     def __init__(self, args):
         from . import dist
         from .config import DEFAULT_TARGET_MODULES, LoraSpec
-        from .engine import resolve_precision
+        from .zero import resolve_precision
         from .model import load_tokenizer
         from .data.formatting import pad_id_of
 
@@ -691,7 +692,7 @@ class Bench:
         if config == PLAIN:
             case: TrainCase = PlainCase(self.path, mode, self.lora, self.precision, self.device, self.pad)
         else:
-            from .engine import uses_torch_autocast, zero_stage
+            from .zero import uses_torch_autocast, zero_stage
             case = RemixCase(self.path, mode, self.lora, config, self.precision, a.batch, a.warmup + a.steps,
                              self.pad, adapt=not a.no_adapt_zero)
             rec.update({"zero_stage": zero_stage(case.ds_cfg), "micro_batch": case.micro,
@@ -808,7 +809,7 @@ class Bench:
     # -------------------------------------------------------------- eval
     def run_eval(self) -> None:
         from .data.kvr import kvr_examples
-        from .engine import torch_dtype
+        from .zero import torch_dtype
         from .evaluate import (default_max_new_tokens, encode_for_scoring, generate, model_predict_fn,
                                teacher_forced_correct)
         from .model import load_for_eval

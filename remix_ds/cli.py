@@ -177,7 +177,7 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
         from .config import DatasetSpec, load_recipe
         from .data import dataset_examples
         from .data.sources import load_examples
-        from .engine import resolve_precision, torch_dtype
+        from .zero import resolve_precision, torch_dtype
         from .errors import ConfigError
         from .evaluate import evaluate
         from .model import load_for_eval, load_tokenizer

@@ -158,7 +158,7 @@ class StageSpec:
     log_every: int = 10           # log the loss every N steps (and at each epoch end and checkpoint): a host sync
     save_dtype: str = "auto"      # auto: bf16 when training in bf16, else the training dtype
     gradient_checkpointing: bool = False   # recompute activations in backward: only when memory needs it
-    adapt_zero: bool = True       # choose the ZeRO stage by world size and mode (see engine.resolve_ds_config)
+    adapt_zero: bool = True       # choose the ZeRO stage by world size and mode (see zero.resolve_ds_config)
     # pack each micro-batch into rows of max_seq_length (per-example attention): true, false, or auto (pack on
     # CPU, pad on CUDA devices, where an H100 ran packed batches slower: docs/benchmarks.md)
     packing: Any = "auto"

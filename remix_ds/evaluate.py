@@ -31,7 +31,8 @@ from . import dist
 from .data.example import Example
 from .data.formatting import (IGNORE, Encoded, collate, collate_prompts, encode_scored_example, pad_id_of,
                               prompt_ids)
-from .engine import AnswerLoss, write_json_atomic
+from .objective import AnswerLoss
+from .files import write_json_atomic
 from .errors import ConfigError
 from .metrics import aggregate, alias_match, exact_match, is_task_source, normalize, score_example  # noqa: F401
 
@@ -268,7 +269,7 @@ def model_logits_fn(model, device: torch.device) -> Callable[[Dict[str, torch.Te
 
 
 def model_predict_fn(model, device: torch.device) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
-    """Teacher-forced scoring's forward pass, the training loss's module (``engine.AnswerLoss``) in predict
+    """Teacher-forced scoring's forward pass, the training loss's module (``objective.AnswerLoss``) in predict
     mode: the decoder over the batch, the LM head on answer positions only. Falls back to full logits for a
     model without a decoder / output layer to split."""
     try:

@@ -244,7 +244,7 @@ def scoring_meta(tokenizer, examples, *, scorer: str, match: str, shots: int, sh
 def write_split(out_dir: str, examples, known: Sequence[bool], predictions: Sequence[Optional[str]],
                 meta: Dict[str, Any]) -> Dict[str, Any]:
     """yet_to_learn.jsonl, known.jsonl and counts.json in out_dir; returns the counts."""
-    from .engine import write_json_atomic
+    from .files import write_json_atomic
 
     os.makedirs(out_dir, exist_ok=True)
     files = {True: os.path.join(out_dir, "known.jsonl"), False: os.path.join(out_dir, "yet_to_learn.jsonl")}
@@ -358,7 +358,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         import torch
 
         from .config import TinySpec
-        from .engine import resolve_precision, torch_dtype
+        from .zero import resolve_precision, torch_dtype
         from .model import load_for_eval, load_tokenizer
         from .tiny import resolve_model_path
 

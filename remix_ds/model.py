@@ -8,7 +8,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from .config import LoraSpec
-from .engine import atomic_save, uses_torch_autocast, zero_stage
+from .files import atomic_save
+from .zero import uses_torch_autocast, zero_stage
 
 log = logging.getLogger(__name__)
 

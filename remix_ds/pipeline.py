@@ -9,7 +9,8 @@ from typing import Any, Dict, List, Optional
 from . import dist, retention
 from .config import Recipe, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
-from .engine import load_ds_config, offloads_params, read_json, resolve_precision, write_json_atomic
+from .zero import load_ds_config, offloads_params, resolve_precision
+from .files import read_json, write_json_atomic
 from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
 from .metrics import is_task_source

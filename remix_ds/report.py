@@ -19,7 +19,7 @@ from itertools import combinations
 from statistics import NormalDist
 from typing import Any, Dict, List, Optional, Tuple
 
-from .engine import write_json_atomic
+from .files import write_json_atomic
 
 FIGURE = "forgetting.png"
 ALPHA = 0.05

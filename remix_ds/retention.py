@@ -37,7 +37,7 @@ import torch
 from . import dist
 from .config import Recipe, Variant, stage_hash
 from .data.example import Example
-from .engine import read_json
+from .files import read_json
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ class LazyModel:
 
     def get(self):
         if self.model is None:
-            from .engine import resolve_precision, torch_dtype
+            from .zero import resolve_precision, torch_dtype
             from .model import load_for_eval, load_tokenizer
 
             path, adapters = self.where()
@@ -339,7 +339,7 @@ def score_probe(model, tok, examples: List[Example], recipe: Recipe) -> Dict[str
 
 
 def _write(path: Path, obj: Dict[str, Any]) -> None:
-    from .engine import write_json_atomic
+    from .files import write_json_atomic
 
     if dist.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,9 +30,10 @@ from . import dist, study, tracking
 from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
 from .data.formatting import Encoded, collate, collate_packed, encode_examples, pad_id_of
-from .engine import (PURE_BF16, Engine, adapt_zero_stage, adapter_tensor_size, load_ds_config, offloads_optimizer,
-                     offloads_params, read_json, resolve_ds_config, resolve_precision, torch_dtype,
-                     uses_torch_autocast, write_json_atomic, zero_stage)
+from .zero import (PURE_BF16, adapt_zero_stage, adapter_tensor_size, describe_zero, load_ds_config, resolve_ds_config,
+                   resolve_precision, torch_dtype, zero_stage)
+from .engine import Engine
+from .files import read_json, write_json_atomic
 from .errors import ConfigError
 from .evaluate import teacher_forced_accuracy
 from .adapters import local_model_dir, streaming_merge
@@ -216,7 +217,7 @@ def config_change(recipe: Recipe, variant: Variant, k: int) -> Optional[str]:
 
 def stage_precision(recipe: Recipe, spec: StageSpec) -> str:
     """The precision a stage trains in: the recipe's, resolved; under ``semantics: study`` a full fine-tuning stage
-    in bf16 (or auto) trains in the study's pure bf16 (no fp32 master weights: ``engine.PURE_BF16``). LoRA has no
+    in bf16 (or auto) trains in the study's pure bf16 (no fp32 master weights: ``zero.PURE_BF16``). LoRA has no
     study counterpart and keeps remix_ds's precision."""
     if spec.finetune == "full" and recipe.follows_study("precision") and recipe.precision in ("auto", "bf16"):
         return PURE_BF16
@@ -256,7 +257,7 @@ def _changes(old: Any, new: Any, prefix: str = "") -> List[Tuple[str, Any, Any]]
 
 def checkpoint_layout(recipe: Recipe, spec: StageSpec, world: int) -> Dict[str, Any]:
     """What a DeepSpeed checkpoint of the stage cannot change (its completion marker records it): the number of
-    ranks, the resolved precision and the ZeRO stage the engine runs (``engine.adapt_zero_stage``)."""
+    ranks, the resolved precision and the ZeRO stage the engine runs (``zero.adapt_zero_stage``)."""
     precision = stage_precision(recipe, spec)
     cfg = load_ds_config(spec.ds_config or recipe.ds_config)
     if spec.adapt_zero:
@@ -399,18 +400,6 @@ def study_global_step(eng: Engine, slots: List[List[Encoded]], world: int, gas: 
     return means, last, n_mb
 
 
-def describe_zero(cfg: Dict[str, Any], name: str) -> str:
-    """The ZeRO stage a stage really runs, in words (the ds_config's name is only what was asked for)."""
-    z = zero_stage(cfg)
-    what = f"ZeRO-{z}" if z else "no ZeRO"
-    off = [x for x, on in (("optimizer", offloads_optimizer(cfg)), ("parameters", offloads_params(cfg))) if on]
-    if off:
-        what += f", {' and '.join(off)} offloaded to CPU"
-    if uses_torch_autocast(cfg):
-        what += f", {cfg['torch_autocast'].get('dtype', '')} autocast"
-    return f"{what} (ds_config {os.path.basename(str(name))})"
-
-
 class StageInterrupted(KeyboardInterrupt):
     """Ctrl-C during a stage, after its checkpoint was written: the message says where and what a rerun does."""
 
@@ -546,7 +535,7 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
         stale = ["DONE.json", "model", "adapter", "merged", "eval"]
         if resume_tag is None:
             stale += ["train_log.jsonl", "checkpoints", "probe_logits.pt", "tensorboard", "wandb", "mlflow_run_id"]
-        # and what a killed save left: <name>.tmp-<pid> directories and files (engine.atomic_save)
+        # and what a killed save left: <name>.tmp-<pid> directories and files (files.atomic_save)
         for p in [out / name for name in stale] + sorted(out.glob("*.tmp-*")):
             shutil.rmtree(p) if p.is_dir() else (p.unlink() if p.exists() else None)
     dist.barrier()

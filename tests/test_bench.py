@@ -47,8 +47,8 @@ def test_bench_tiny_full_lora_qlora_eval_padding(one_process):
         assert r["processed_tokens"] == r["padfree_tokens"] == 2 * 16 * 32
     for case in ("full:zero2", "lora:zero2", "qlora:zero2"):
         r = train[(case, None)]
-        # one process: adapters and full fine-tuning run without ZeRO (engine.adapter_zero_stage,
-        # engine.single_process_full_stage)
+        # one process: adapters and full fine-tuning run without ZeRO (zero.adapter_zero_stage,
+        # zero.single_process_full_stage)
         assert r["impl"] == "remix_ds" and r["zero_stage"] == 0
         assert r["ds_config"] == "zero2"
         assert r["ratio_tokens_per_s"] > 0 and isinstance(r["meets_target"], bool)
@@ -158,7 +158,7 @@ def test_gpu_script_invocations_parse(tmp_path):
     from pathlib import Path
 
     from remix_ds.bench import build_parser, parse_cases
-    from remix_ds.engine import ds_config_path
+    from remix_ds.zero import ds_config_path
 
     script = Path(__file__).resolve().parent.parent / "launch" / "bench_gpu.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

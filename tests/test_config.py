@@ -419,7 +419,7 @@ def _fingerprint_before_stable_keys(recipe, variant, k):
     import dataclasses
 
     from remix_ds.data import stage_train_set
-    from remix_ds.engine import load_ds_config
+    from remix_ds.zero import load_ds_config
     from remix_ds.stage import OPERATIONAL_KEYS, examples_digest
 
     spec = variant.stages[k - 1]

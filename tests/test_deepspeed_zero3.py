@@ -1,5 +1,5 @@
 """Two CPU processes under the real `deepspeed` launcher and ZeRO-3: full, LoRA and QLoRA; and LoRA from a
-ZeRO-2 config, which runs without ZeRO (engine.adapter_zero_stage) and must train as one process does.
+ZeRO-2 config, which runs without ZeRO (zero.adapter_zero_stage) and must train as one process does.
 
 Checks that the saved weights are complete (every tensor full-sized, not a ZeRO-3 placeholder) and
 that they reload, with `from_pretrained` / PEFT, to the logits the engine produced in training.

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import TINY_AB_HEADER, run_cli, write_recipe
-from remix_ds.engine import ds_config_path, resolve_ds_config
+from remix_ds.zero import ds_config_path, resolve_ds_config
 
 KW = dict(global_batch_size=8, micro_batch_size=8, grad_accum=1, grad_clip=1.0, hidden_size=128)
 
@@ -14,9 +14,9 @@ def test_full_fine_tuning_on_one_process_runs_without_zero_unless_it_offloads(mo
     import logging
 
     from remix_ds import dist
-    from remix_ds.engine import adapt_zero_stage, load_ds_config
+    from remix_ds.zero import adapt_zero_stage, load_ds_config
 
-    with caplog.at_level(logging.INFO, logger="remix_ds.engine"):   # one line says what runs and why
+    with caplog.at_level(logging.INFO, logger="remix_ds.zero"):   # one line says what runs and why
         resolve_ds_config("zero3", precision="bf16", finetune="full", **KW)
         notes = []   # the stage choice alone (a checkpoint's layout, --dry-run) logs nothing
         assert adapt_zero_stage(load_ds_config("zero3"), 1, "full", "bf16", notes)["zero_optimization"] == {"stage": 0}
@@ -206,7 +206,7 @@ def test_gradient_checkpointing_recomputes_layers_in_the_answer_loss_backward(ti
     from remix_ds.config import LoraSpec
     from remix_ds.data.formatting import collate, encode_example, pad_id_of
     from remix_ds.data.kvr import kvr_examples
-    from remix_ds.engine import AnswerLoss
+    from remix_ds.objective import AnswerLoss
     from remix_ds.model import load_for_training, load_tokenizer
 
     tok = load_tokenizer(tiny_dir)
@@ -441,7 +441,8 @@ def _adapter_setup(tiny_dir, finetune, precision, dropout=0.0):
     from remix_ds.config import LoraSpec
     from remix_ds.data.formatting import collate, encode_example, pad_id_of
     from remix_ds.data.kvr import kvr_examples
-    from remix_ds.engine import AnswerLoss, torch_dtype
+    from remix_ds.objective import AnswerLoss
+    from remix_ds.zero import torch_dtype
     from remix_ds.model import load_for_training, load_tokenizer
 
     cfg = resolve_ds_config("zero2", precision=precision, finetune=finetune, **KW)

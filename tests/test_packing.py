@@ -29,7 +29,7 @@ def test_pack_rows_fills_rows_without_losing_examples(tiny_dir):
 def test_packed_batch_gives_the_per_example_losses_of_the_padded_batch(tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    from remix_ds.engine import AnswerLoss, answer_positions
+    from remix_ds.objective import AnswerLoss, answer_positions
     from remix_ds.model import load_tokenizer
 
     tok = load_tokenizer(tiny_dir)
@@ -184,7 +184,7 @@ def test_answer_loss_keeps_the_logit_transforms_of_other_families():
     from transformers import (Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig,
                               LlamaForCausalLM)
 
-    from remix_ds.engine import AnswerLoss, logit_transform
+    from remix_ds.objective import AnswerLoss, logit_transform
 
     kw = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=4)
@@ -214,7 +214,7 @@ def test_gpu_batch_widths_round_to_a_multiple_of_8_without_changing_the_loss(tin
     from transformers import AutoModelForCausalLM
 
     from remix_ds.data.formatting import train_width
-    from remix_ds.engine import AnswerLoss
+    from remix_ds.objective import AnswerLoss
     from remix_ds.model import load_tokenizer
     from remix_ds.stage import WIDTH_MULTIPLE_CUDA
 

@@ -82,7 +82,7 @@ def test_outputs_and_logs(run):
     assert 0 < summary["step_seconds"] <= summary["train_seconds"]
     assert summary["padfree_tokens_per_s"] == pytest.approx(summary["tokens"] / summary["step_seconds"], rel=1e-3)
     cfg = json.load(open(s1 / "config.json"))
-    # LoRA from zero2 runs without ZeRO (engine.adapter_zero_stage); fp32 on CPU: no autocast
+    # LoRA from zero2 runs without ZeRO (zero.adapter_zero_stage); fp32 on CPU: no autocast
     assert cfg["n_mix"] == 20 and cfg["ds_config"]["zero_optimization"] == {"stage": 0}
     assert not cfg["ds_config"].get("torch_autocast", {}).get("enabled")
     assert cfg["ds_config"]["train_batch_size"] == 10  # "auto" resolved from the recipe

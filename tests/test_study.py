@@ -289,7 +289,8 @@ def test_pure_bf16_steps_bf16_weights_with_bf16_adam_states(tiny_dir, one_thread
     from remix_ds.config import LoraSpec
     from remix_ds.data.formatting import collate, encode_example, pad_id_of
     from remix_ds.data.kvr import kvr_examples
-    from remix_ds.engine import PURE_BF16, Engine, resolve_ds_config
+    from remix_ds.zero import PURE_BF16, resolve_ds_config
+    from remix_ds.engine import Engine
     from remix_ds.model import load_for_training, load_tokenizer
 
     assert dist.world_size() == 1
