@@ -106,9 +106,9 @@ def build_penalties(spec) -> List[Penalty]:
 # ------------------------------------------------------------------ KL to the stage-start model
 
 def kl_sum(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """sum over rows of KL(reference || current) of the next-token distributions, in fp32."""
-    ref = torch.log_softmax(reference_logits.float(), -1)
-    cur = torch.log_softmax(logits.float(), -1)
+    """sum over rows of KL(reference || current) of the next-token distributions, in at least fp32."""
+    ref = torch.log_softmax(_wide(reference_logits), -1)
+    cur = torch.log_softmax(_wide(logits), -1)
     return (ref.exp() * (ref - cur)).sum()
 
 
@@ -201,11 +201,16 @@ def rank_slice(numel: int, world: int, rank: int) -> Tuple[int, int]:
     return lo, min(numel, lo + part)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in at least fp32 (16-bit weights are widened; a float64 model keeps float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def lora_delta(module: torch.nn.Module, adapter: str = "default") -> torch.Tensor:
     """A PEFT LoRA layer's effective weight change of `adapter`: scaling x B @ A, shaped like the base weight."""
     A = module.lora_A[adapter].weight
     B = module.lora_B[adapter].weight
-    return (B.float() @ A.float()) * module.scaling[adapter]
+    return (_wide(B) @ _wide(A)) * module.scaling[adapter]
 
 
 class ParamPenalty(Penalty):
@@ -262,7 +267,7 @@ class ParamPenalty(Penalty):
             return None
         if key not in self.fisher:
             raise RuntimeError(f"regularizer {self.name}: the Fisher has no entry for {key}")
-        f = self.fisher[key].reshape(-1)[lo:hi].float()
+        f = _wide(self.fisher[key].reshape(-1)[lo:hi])
         return f.to(self._device) if hasattr(self, "_device") else f
 
     def _make_hook(self, module: torch.nn.Module, entries) -> Callable:
@@ -274,7 +279,7 @@ class ParamPenalty(Penalty):
                     diff = lora_delta(mod).reshape(-1)[lo:hi]
                 else:
                     p = getattr(mod, pname)
-                    diff = p.reshape(-1)[lo:hi].float() - anchor.to(p.device)
+                    diff = _wide(p.reshape(-1)[lo:hi]) - anchor.to(p.device)
                 sq = diff * diff
                 self._collected.append((sq * f.to(sq.device)).sum() if f is not None else sq.sum())
             return None
@@ -297,13 +302,13 @@ class ParamPenalty(Penalty):
 
 
 def _gathered_slice(p: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """This rank's slice of a weight's flattened values (fp32), gathered first under ZeRO-3."""
+    """This rank's slice of a weight's flattened values (at least fp32), gathered first under ZeRO-3."""
     if hasattr(p, "ds_id"):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            return p.detach().reshape(-1)[lo:hi].float().clone()
-    return p.detach().reshape(-1)[lo:hi].float().clone()
+            return _wide(p.detach().reshape(-1)[lo:hi]).clone()
+    return _wide(p.detach().reshape(-1)[lo:hi]).clone()
 
 
 def _fisher_key(lora_module_name: str) -> str:
@@ -421,18 +426,21 @@ def diagonal_fisher(model: torch.nn.Module, examples, pad: int, device: torch.de
     """mean over `examples` of the squared gradient of each example's answer log-likelihood (sum over its answer
     tokens), per weight of ``fisher_names`` (fp32, on the CPU)."""
     from .data.formatting import collate
-    from .objective import token_loss_sum
 
     named = fisher_names(model)
     names, params = list(named), list(named.values())
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    acc = [torch.zeros_like(_wide(p)) for p in params]
     for e in examples:
         batch = collate([e], pad)
         logits = model(input_ids=batch["input_ids"].to(device)).logits
-        nll = token_loss_sum(logits, batch["labels"].to(device))
+        # the cross-entropy in at least fp32 (a float64 model keeps float64)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        labels = batch["labels"].to(device)[:, 1:].flatten()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels, ignore_index=-100,
+                                                reduction="sum")
         grads = torch.autograd.grad(nll, params)
         for a, g in zip(acc, grads):
-            a.add_(g.float() ** 2)
+            a.add_(_wide(g) ** 2)
     n = max(1, len(examples))
     return {name: (a / n).cpu() for name, a in zip(names, acc)}
 
