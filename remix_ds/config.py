@@ -143,6 +143,8 @@ class RegularizerSpec:
     method: str = "kl"            # kl (to the stage-start model), ewc (diagonal Fisher), l2 (to the stage start)
     weight: float = 1.0           # the penalty's factor (EWC's lambda)
     fisher_samples: int = 256     # ewc: examples of the previous stage's data the Fisher averages over
+    tokens: str = "answers"       # kl: over the stage's answer tokens, or every token of this dataset's examples
+    probe_batch: int = 8          # kl on a dataset: its examples per optimizer step
 
 
 @dataclass
@@ -708,8 +710,11 @@ def validate(recipe: Recipe, where: str) -> None:
                 if reg.method not in REGULARIZERS:
                     raise ConfigError(f"{w}: regularizer.method must be one of {', '.join(REGULARIZERS)}, got "
                                       f"{reg.method!r}")
-                if reg.weight < 0 or reg.fisher_samples < 1:
-                    raise ConfigError(f"{w}: regularizer.weight must be >= 0 and fisher_samples >= 1")
+                if reg.weight < 0 or reg.fisher_samples < 1 or reg.probe_batch < 1:
+                    raise ConfigError(f"{w}: regularizer.weight must be >= 0, fisher_samples and probe_batch >= 1")
+                if reg.tokens != "answers" and (reg.method != "kl" or reg.tokens not in recipe.datasets):
+                    raise ConfigError(f"{w}: regularizer.tokens is kl's: answers or a dataset of the recipe "
+                                      f"({', '.join(recipe.datasets)}), got {reg.tokens!r} for {reg.method}")
                 if reg.method == "ewc" and i == 1:
                     raise ConfigError(f"{w}: regularizer ewc needs a previous stage (its Fisher is of the previous "
                                       f"stage's data); use kl or l2 in stage 1")

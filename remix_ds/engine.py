@@ -171,9 +171,12 @@ class Engine:
     def _log_penalties(self, terms: Dict[str, torch.Tensor], scale: float) -> None:
         """Add this micro-batch's penalty values so that their sum over the step's micro-batches and the ranks is the
         step's value: a per-token penalty in the loss's normalisation (scale / (world x gas): the global batch's mean
-        per answer token), a parameter penalty (this rank's slice, the same at every micro-step) once per step."""
+        per answer token), a parameter penalty (this rank's slice, the same at every micro-step) once per step, a
+        shared batch's mean averaged over micro-steps and ranks."""
         for p in self.penalties:
-            share = scale / (self._world * self._gas) if p.per_token else 1.0 / self._gas
+            # the step's value, once summed over micro-steps and ranks (see objective.penalty_factor)
+            share = {"tokens": scale / (self._world * self._gas), "slice": 1.0 / self._gas,
+                     "batch": 1.0 / (self._world * self._gas)}[p.scaling]
             value = terms[p.name].detach().double() * share
             self._penalty_log[p.name] = self._penalty_log[p.name] + value if p.name in self._penalty_log else value
 
@@ -192,9 +195,13 @@ class Engine:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     def step(self) -> None:
-        if self._clip and self.engine.is_gradient_accumulation_boundary():
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if self._clip and boundary:
             clip_grad_norm(self._params, self._clip)
         self.engine.step()
+        if boundary:
+            for p in self.penalties:
+                p.after_step()
 
     def eval(self):
         self.engine.eval()

@@ -135,10 +135,17 @@ class AnswerLoss(torch.nn.Module):
 def combine(loss_sum: torch.Tensor, terms: Dict[str, torch.Tensor], penalties: Sequence[Any], scale: float,
             world: int) -> torch.Tensor:
     """The micro-batch's loss to back-propagate: the answer cross-entropy sum times `scale` (which DeepSpeed's 1/gas
-    and the rank average turn into the global batch's mean per answer token), plus each penalty times its weight:
-    a per-token penalty scaled as the loss, a parameter penalty (one rank's slice) times the world size, once per
-    micro-batch (DeepSpeed's 1/gas and the rank average make it once per step, for the whole model)."""
+    and the rank average turn into the global batch's mean per answer token), plus each penalty times its weight and
+    its ``scaling`` factor (``penalty_factor``)."""
     total = loss_sum * scale
     for p in penalties:
-        total = total + p.weight * terms[p.name] * (scale if p.per_token else world)
+        total = total + p.weight * terms[p.name] * penalty_factor(p.scaling, scale, world)
     return total
+
+
+def penalty_factor(scaling: str, scale: float, world: int) -> float:
+    """How a penalty's raw term enters a micro-batch's loss, given DeepSpeed's 1/gas per micro-batch and the average
+    over ranks: ``tokens`` (a sum over the answer positions) like the answer loss, times `scale`; ``slice`` (one
+    rank's slice of a parameter penalty, the same at every micro-step) times the world size, so that the step adds
+    the whole penalty once; ``batch`` (a mean over a batch every rank and micro-step shares) as it is."""
+    return {"tokens": scale, "slice": float(world), "batch": 1.0}[scaling]

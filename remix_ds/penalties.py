@@ -7,16 +7,19 @@ The protocol a penalty follows (``Penalty``), in the order a stage calls it:
 - ``prepare(ctx)``      once per stage, before the trained model loads (EWC: its Fisher, computed or read back);
 - ``attach(objective)`` once, after ``deepspeed.initialize``: anchors, module hooks, the reference model;
 - ``term(fwd)``         inside every training forward: this micro-batch's raw value (a tensor with its gradient);
-- ``state_dict()`` / ``load_state_dict()``: what a checkpoint must keep (these three rebuild everything from the
-  stage's input, so nothing);
+- ``after_step()``      after each optimizer step;
+- ``state_dict()`` / ``load_state_dict()``: what a checkpoint must keep (the probe set's position for KL on a probe
+  set; everything else is rebuilt from the stage's input);
 - ``close()``           at the stage's end: hooks removed, the reference freed.
 
-Scaling. A ``per_token`` penalty (KL) is a sum over the micro-batch's answer positions and is scaled as the answer
-loss is (the global batch's mean per answer token). A parameter penalty (EWC, L2) is one value per optimizer step:
-each rank holds and penalises only its own 1/world slice of every flattened weight (under ZeRO-3 the same split as
-DeepSpeed's partitions), and its term is multiplied by the world size, which the data-parallel gradient average
-divides out again, so the gradient is that of the whole penalty on any number of ranks. The objective adds
-``weight * term`` to the loss.
+Scaling (``scaling``, applied by ``objective.penalty_factor``). KL on the answer tokens (``tokens``) is a sum over
+the micro-batch's answer positions, scaled as the answer loss is (the global batch's mean per answer token). KL on a
+probe set (``batch``) is the mean over one probe batch that every rank and micro-step of an optimizer step share, so
+its value does not depend on the number of ranks. A parameter penalty (EWC, L2; ``slice``) is one value per
+optimizer step: each rank holds and penalises only its own 1/world slice of every flattened weight (under ZeRO-3 the
+same split as DeepSpeed's partitions), and its term is multiplied by the world size, which the data-parallel
+gradient average divides out again, so the gradient is that of the whole penalty on any number of ranks. The
+objective adds ``weight * factor * term`` to the loss.
 """
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ class PenaltyContext:
 class Penalty:
     """A term added to the answer loss (see the module docstring for the protocol)."""
     name = ""
-    per_token = False
+    scaling = "slice"
 
     def __init__(self, spec) -> None:
         self.spec = spec
@@ -84,6 +87,9 @@ class Penalty:
 
     def term(self, fwd: Forward) -> torch.Tensor:
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        pass
 
     def state_dict(self) -> Dict[str, Any]:
         return {}
@@ -113,7 +119,11 @@ def kl_sum(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
 
 
 class KLPenalty(Penalty):
-    """weight x KL(stage-start model || current model), summed over the answer positions of each micro-batch.
+    """weight x KL(stage-start model || current model) over a set of tokens: the stage's own answer positions
+    (``tokens: answers``, the default: summed, scaled as the answer loss), or every next-token position of a probe
+    set, a recipe dataset's examples, prompt and answer (``tokens: <dataset key>``, e.g. D_A or a generic-text set):
+    one batch of ``probe_batch`` of them per optimizer step, in a seeded order, the mean over its positions; the
+    probe batch costs one more forward and backward pass of the trained model per micro-batch.
 
     The reference is the model as the stage began. A LoRA/QLoRA stage's reference is the same model with its
     adapter disabled (PEFT's ``disable_adapter``): no second copy in memory. A full fine-tuning stage's reference is
@@ -121,22 +131,52 @@ class KLPenalty(Penalty):
     optimizer, partitioned across the ranks like the trained model (as OpenRLHF prepares its reference model), and
     otherwise a copy on the device in the trained weights' dtype."""
     name = "kl"
-    per_token = True
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
+        self.tokens = getattr(spec, "tokens", "answers") or "answers"
+        self.scaling = "tokens" if self.tokens == "answers" else "batch"
         self.reference: Optional[torch.nn.Module] = None
         self._ref_engine = None
         self._keep = None
+        self._probe: List[Any] = []
+        self._cursor = 0
 
     def check(self, stage) -> None:
         if stage.spec.finetune != "full" and stage.input()[1]:
             raise ConfigError(f"{stage.name}: regularizer kl on a LoRA stage whose input keeps earlier adapters "
                               f"unmerged: disabling the adapter would also drop theirs, so the reference would not be "
                               f"the stage-start model. Set merge: true in the earlier LoRA stages")
+        if self.tokens != "answers" and self.tokens not in stage.recipe.datasets:
+            raise ConfigError(f"{stage.name}: regularizer.tokens must be answers or a dataset of the recipe "
+                              f"({', '.join(stage.recipe.datasets)}), got {self.tokens!r}")
 
     def prepare(self, ctx: PenaltyContext) -> None:
         self._ctx = ctx
+        if self.tokens != "answers" and not self._probe:   # (a test may hand it its probe set: set_probe)
+            from .data import dataset_examples
+            from .data.formatting import encode_examples
+
+            recipe = ctx.stage.recipe
+            examples = dataset_examples(recipe, self.tokens)
+            g = torch.Generator().manual_seed(recipe.seed * 17 + ctx.stage.k)
+            order = torch.randperm(len(examples), generator=g).tolist()
+            enc, _ = encode_examples(ctx.tokenizer, [examples[i] for i in order], recipe.max_seq_length)
+            self.set_probe(enc, _pad_id(ctx.tokenizer))
+
+    def set_probe(self, encoded: List[Any], pad: int) -> None:
+        """The probe set's encoded examples, in the order their batches are taken."""
+        if not encoded:
+            raise ConfigError(f"regularizer kl: the probe set {self.tokens!r} has no example")
+        self._probe, self._pad = list(encoded), pad
+
+    def probe_batch(self) -> Dict[str, torch.Tensor]:
+        """This step's probe batch: ``probe_batch`` examples from the cursor on (wrapping around), right-padded."""
+        from .data.formatting import collate
+
+        n = min(self.spec.probe_batch, len(self._probe))
+        chosen = [self._probe[(self._cursor + i) % len(self._probe)] for i in range(n)]
+        return collate(chosen, self._pad)
 
     def attach(self, objective) -> None:
         if self._ctx.stage.spec.finetune != "full":
@@ -168,14 +208,37 @@ class KLPenalty(Penalty):
             p.requires_grad_(False)
         self.reference = ref
 
-    def term(self, fwd: Forward) -> torch.Tensor:
+    def _reference(self, fwd: Forward) -> torch.Tensor:
         with torch.no_grad():
             if self.reference is None:
                 with fwd.objective.lm.disable_adapter():
-                    ref = fwd.objective.answer_logits(fwd, None)
-            else:
-                ref = fwd.objective.answer_logits(fwd, self.reference)
-        return kl_sum(ref, fwd.logits)
+                    return fwd.objective.answer_logits(fwd, None)
+            return fwd.objective.answer_logits(fwd, self.reference)
+
+    def term(self, fwd: Forward) -> torch.Tensor:
+        if self.tokens == "answers":
+            return kl_sum(self._reference(fwd), fwd.logits)
+        probe = self.probe_fwd(fwd)
+        return kl_sum(self._reference(probe), fwd.objective.answer_logits(probe, None)) / max(1, len(probe.answer_index))
+
+    def probe_fwd(self, fwd: Forward) -> Forward:
+        """A forward over this step's probe batch: every position whose next token is real (right padding)."""
+        batch = self.probe_batch()
+        device = fwd.input_ids.device
+        ids = batch["input_ids"][:, :-1]
+        real = batch["attention_mask"][:, 1:].reshape(-1).bool()
+        index = real.nonzero().squeeze(1)
+        return Forward(fwd.objective, ids.to(device), None, None, index.to(device), None)
+
+    def after_step(self) -> None:
+        if self._probe:
+            self._cursor = (self._cursor + min(self.spec.probe_batch, len(self._probe))) % len(self._probe)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"cursor": self._cursor}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._cursor = int(state.get("cursor", 0))
 
     def close(self) -> None:
         if self._ref_engine is not None and hasattr(self._ref_engine, "destroy"):

@@ -297,7 +297,10 @@ def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]],
     for j, spec in enumerate(variant.stages, 1):
         letters.setdefault(spec.data, dataset_letter(j))
     for k, spec in enumerate(variant.stages, 1):
-        row[f"finetune_stage{k}"] = spec.finetune + (f"(r={spec.lora.r})" if spec.finetune != "full" else "")
+        reg = getattr(spec, "regularizer", None)   # the baseline's penalty, named in the mode: full+ewc(1e+03)
+        row[f"finetune_stage{k}"] = spec.finetune + (f"(r={spec.lora.r})" if spec.finetune != "full" else "") \
+            + (f"+{reg.method}({reg.weight:g})" if reg is not None else "")
+        row[f"regularizer_stage{k}"] = reg.method if reg is not None else "none"
         row[f"mix_stage{k}"] = f"{spec.mix.source}:{spec.mix.ratio:g}" if spec.mix and spec.mix.ratio > 0 else "none"
     stages = []
     for k, res in enumerate(results, 1):
@@ -317,6 +320,7 @@ def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]],
         row[f"tokens_per_s_stage{k}"] = round(tps) if tps is not None else None
         row[f"eval_seconds_stage{k}"] = round(sum(m.get("seconds") or 0.0 for m in ev.values()), 3) if ev else None
         stages.append({"stage": k, "data": spec.data, "finetune": spec.finetune,
+                       "regularizer": row[f"regularizer_stage{k}"],
                        "lora_r": spec.lora.r if spec.finetune != "full" else None,
                        "mix": row[f"mix_stage{k}"], "epochs": s["epochs"], "stopped_by": s["stopped_by"],
                        "train_seconds": s["train_seconds"], "n_data": s.get("n_data"), "n_mix": s.get("n_mix"),

@@ -189,7 +189,7 @@ def adapt_zero_stage(cfg: Dict[str, Any], world_size: int, finetune: str, precis
     """The ZeRO stage a stage runs with ``adapt_zero`` (the default), by world size and mode: a ds_config
     with that stage applied; why each change was made is appended to ``notes``. Depends only on the config's
     ZeRO block, the world size, the mode and the precision (not on the model), so a run can tell the stage its
-    checkpoints need before loading anything (``stage.checkpoint_layout``)."""
+    checkpoints need before loading anything (``stages.Stage.checkpoint_layout``)."""
     cfg = effective_zero_stage(cfg, world_size, notes)
     cfg = adapter_zero_stage(cfg, finetune, precision, notes)
     return single_process_full_stage(cfg, world_size, finetune, precision, notes)
