@@ -121,12 +121,13 @@ def stage_models(recipe, variant, k: int, adapter: bool = False) -> Optional[Tup
     complete output for the recipe's current config. Default: what evaluation scores (the full or merged
     model; with ``merge: false``, the base with the whole adapter stack). ``adapter``: a LoRA stage's own
     adapter unmerged, on the model it was trained on (with earlier unmerged adapters below it)."""
+    from .modes import mode_of
     from .stage import is_complete, stage_dir, stage_input, stage_output
 
     if not is_complete(recipe, variant, k):
         return None
     own = stage_dir(recipe, variant, k) / "adapter"
-    if adapter and variant.stages[k - 1].finetune != "full" and own.is_dir():
+    if adapter and mode_of(variant.stages[k - 1]).trains_adapter and own.is_dir():
         base, frozen = stage_input(recipe, variant, k)
         return base, frozen + [str(own)]
     return stage_output(recipe, variant, k)

@@ -9,12 +9,13 @@ from typing import Any, Dict, List, Optional
 from . import dist, retention
 from .config import Recipe, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
-from .zero import load_ds_config, offloads_params, resolve_precision
+from .zero import load_ds_config, resolve_precision
 from .files import read_json, write_json_atomic
 from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
 from .metrics import is_task_source
 from .model import is_adapter_dir
+from .modes import mode_of
 from .stage import (batch_plan, checkpoint_layout, config_change, fingerprint, is_complete, latest_checkpoint,
                     stage_output, read_done, stage_dir, train_stage)
 
@@ -80,24 +81,9 @@ def check_model_dir(model: str, what: str, adapter_ok: bool = False) -> None:
 
 
 def check_combination(spec, ds_cfg: Dict[str, Any], next_spec, where: str) -> None:
-    """Refuse, before training, the combinations DeepSpeed, PEFT or bitsandbytes cannot run."""
-    if spec.finetune == "qlora":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"{where}: finetune: qlora needs bitsandbytes (pip install bitsandbytes)") from None
-        if offloads_params(ds_cfg):
-            raise ConfigError(f"{where}: finetune: qlora cannot run with ZeRO-3 parameter offload "
-                              f"(4-bit weights cannot be offloaded to CPU by DeepSpeed); use zero3 or zero2")
-    if spec.finetune == "qlora" and not spec.merge:
-        raise ConfigError(f"{where}: merge: false is not supported for qlora: the adapter was trained on the NF4 "
-                          f"base, and evaluation and later stages would load it on the unquantised one; use "
-                          f"merge: true (the adapter goes into the NF4-dequantised weights it was trained on)")
-    if spec.finetune == "full" and not spec.merge:
-        raise ConfigError(f"{where}: merge: false only applies to lora / qlora stages")
-    if spec.finetune != "full" and not spec.merge and next_spec is not None and next_spec.finetune == "full":
-        raise ConfigError(f"{where}: merge: false keeps the adapter for a LoRA stage after it, but the next "
-                          f"stage is full fine-tuning; use merge: true")
+    """Refuse, before training, the combinations DeepSpeed, PEFT or bitsandbytes cannot run: the stage's mode
+    checks its own settings (``FineTuneMode.validate``)."""
+    mode_of(spec).validate(spec, ds_cfg, next_spec, where)
 
 
 def eval_keys(recipe: Recipe, variant: Variant, k: int) -> List[str]:
@@ -274,7 +260,7 @@ def spec_keys(variant: Variant) -> Dict[str, Any]:
             out[prefix] = list(value) if isinstance(value, tuple) else value
     for k, spec in enumerate(variant.stages, 1):
         d = {key: v for key, v in dataclasses.asdict(spec).items() if key not in OPERATIONAL_KEYS + ("track", "probe")}
-        if spec.finetune == "full":
+        if not mode_of(spec).trains_adapter:
             d.pop("lora")
         if d.get("mix") is None:
             d["mix"] = "none"
@@ -295,7 +281,7 @@ def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]],
     for j, spec in enumerate(variant.stages, 1):
         letters.setdefault(spec.data, dataset_letter(j))
     for k, spec in enumerate(variant.stages, 1):
-        row[f"finetune_stage{k}"] = spec.finetune + (f"(r={spec.lora.r})" if spec.finetune != "full" else "")
+        row[f"finetune_stage{k}"] = mode_of(spec).describe(spec)
         row[f"mix_stage{k}"] = f"{spec.mix.source}:{spec.mix.ratio:g}" if spec.mix and spec.mix.ratio > 0 else "none"
     stages = []
     for k, res in enumerate(results, 1):
@@ -315,7 +301,7 @@ def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]],
         row[f"tokens_per_s_stage{k}"] = round(tps) if tps is not None else None
         row[f"eval_seconds_stage{k}"] = round(sum(m.get("seconds") or 0.0 for m in ev.values()), 3) if ev else None
         stages.append({"stage": k, "data": spec.data, "finetune": spec.finetune,
-                       "lora_r": spec.lora.r if spec.finetune != "full" else None,
+                       "lora_r": spec.lora.r if mode_of(spec).trains_adapter else None,
                        "mix": row[f"mix_stage{k}"], "epochs": s["epochs"], "stopped_by": s["stopped_by"],
                        "train_seconds": s["train_seconds"], "n_data": s.get("n_data"), "n_mix": s.get("n_mix"),
                        "n_dropped": s.get("n_dropped"), "tokens": s.get("tokens"),

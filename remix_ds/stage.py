@@ -30,14 +30,15 @@ from . import dist, study, tracking
 from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
 from .data.formatting import Encoded, collate, collate_packed, encode_examples, pad_id_of
-from .zero import (PURE_BF16, adapt_zero_stage, adapter_tensor_size, describe_zero, load_ds_config, resolve_ds_config,
-                   resolve_precision, torch_dtype, zero_stage)
+from .zero import (adapt_zero_stage, adapter_tensor_size, describe_zero, load_ds_config, resolve_ds_config,
+                   torch_dtype, zero_stage)
 from .engine import Engine
 from .files import read_json, write_json_atomic
 from .errors import ConfigError
 from .evaluate import teacher_forced_accuracy
-from .adapters import local_model_dir, streaming_merge
+from .adapters import local_model_dir
 from .model import load_for_training, load_tokenizer, param_count, release_zero3
+from .modes import mode_of
 from .tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -50,21 +51,10 @@ def stage_dir(recipe: Recipe, variant: Variant, k: int) -> Path:
 
 
 def stage_output(recipe: Recipe, variant: Variant, k: int) -> Tuple[str, List[str]]:
-    """(model directory, adapters kept active on it) that stage k hands on to stage k+1 and evaluation."""
+    """(model directory, adapters kept active on it) that stage k hands on to stage k+1 and evaluation: its
+    mode says where (``FineTuneMode.output``: model/, merged/, or the stage's input with its adapter on top)."""
     spec = variant.stages[k - 1]
-    return output_of(stage_dir(recipe, variant, k), spec.finetune, spec.merge, lambda: stage_input(recipe, variant, k))
-
-
-def output_of(d: Path, finetune: str, merge: bool, stage_in: Callable[[], Tuple[str, List[str]]]
-              ) -> Tuple[str, List[str]]:
-    """``stage_output`` for the stage directory `d`: its full or merged model, or (LoRA with merge: false) the
-    stage's input (``stage_in()``: base directory, adapters already on it) with its own adapter on top."""
-    if finetune == "full":
-        return str(d / "model"), []
-    if merge:
-        return str(d / "merged"), []
-    base, adapters = stage_in()
-    return base, adapters + [str(d / "adapter")]
+    return mode_of(spec).output(stage_dir(recipe, variant, k), spec.merge, lambda: stage_input(recipe, variant, k))
 
 
 def stage_input(recipe: Recipe, variant: Variant, k: int) -> Tuple[str, List[str]]:
@@ -216,12 +206,9 @@ def config_change(recipe: Recipe, variant: Variant, k: int) -> Optional[str]:
 
 
 def stage_precision(recipe: Recipe, spec: StageSpec) -> str:
-    """The precision a stage trains in: the recipe's, resolved; under ``semantics: study`` a full fine-tuning stage
-    in bf16 (or auto) trains in the study's pure bf16 (no fp32 master weights: ``zero.PURE_BF16``). LoRA has no
-    study counterpart and keeps remix_ds's precision."""
-    if spec.finetune == "full" and recipe.follows_study("precision") and recipe.precision in ("auto", "bf16"):
-        return PURE_BF16
-    return resolve_precision(recipe.precision)
+    """The precision a stage trains in, as its mode decides (``FineTuneMode.precision``): the recipe's, resolved;
+    under ``semantics: study`` a full fine-tuning stage in bf16 (or auto) trains in the study's pure bf16."""
+    return mode_of(spec).precision(recipe)
 
 
 def recipe_settings(recipe: Recipe, variant: Variant, k: int) -> Dict[str, Any]:
@@ -823,18 +810,15 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
             logits = eng.logits(probe).float().cpu()
         if dist.is_main():
             torch.save({"batch": probe, "logits": logits}, out / "probe_logits.pt")
-    if spec.finetune == "full":
-        eng.save_full(str(out / "model"), tok, save_dtype)
-    else:
-        eng.save_adapter(str(out / "adapter"), tok)
+    mode = mode_of(spec)
+    mode.save(eng, out, tok, save_dtype)   # model/ or adapter/
     eng.close()
     model = eng = None  # free the engine before merging
     release_zero3(keep)
-    if spec.finetune != "full" and spec.merge:
+    if mode.merges(spec.merge):
         if dist.is_main():
             # shard by shard on CPU; a QLoRA adapter goes into the NF4-dequantised 16-bit weights
-            stats = streaming_merge(local_model_dir(base), frozen + [str(out / "adapter")], str(out / "merged"),
-                                    dtype=save_dtype, nf4=spec.finetune == "qlora", nf4_dtype=dtype)
+            stats = mode.merge(local_model_dir(base), frozen, out, save_dtype, dtype)
             log.info("%s/stage%d: merged %d adapted weights into %s (peak RSS %.2f GiB)", variant.name, k,
                      stats["merged"], out / "merged", stats["peak_rss_gib"])
         dist.barrier()
