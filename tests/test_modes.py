@@ -1,6 +1,5 @@
 """The fine-tuning modes (remix_ds/modes.py): each mode's output location, ZeRO policy, validation, precision,
 loading and merging, checked against values worked out here by hand or with plain torch / bitsandbytes."""
-from pathlib import Path
 
 import pytest
 import torch
