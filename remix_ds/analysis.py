@@ -121,13 +121,14 @@ def stage_models(recipe, variant, k: int, adapter: bool = False) -> Optional[Tup
     complete output for the recipe's current config. Default: what evaluation scores (the full or merged
     model; with ``merge: false``, the base with the whole adapter stack). ``adapter``: a LoRA stage's own
     adapter unmerged, on the model it was trained on (with earlier unmerged adapters below it)."""
+    from .modes import mode_of
     from .stages import Stage
 
     stage = Stage(recipe, variant, k)
     if not stage.is_complete():
         return None
     own = stage.dir / "adapter"
-    if adapter and stage.spec.finetune != "full" and own.is_dir():
+    if adapter and mode_of(stage.spec).trains_adapter and own.is_dir():
         base, frozen = stage.input()
         return base, frozen + [str(own)]
     return stage.output()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import inspect
 import json
 import logging
 import math
@@ -42,6 +41,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .modes import MODES as MODE_BY_NAME, mode_of
+
 log = logging.getLogger("remix_ds.bench")
 
 BENCH_VERSION = 1
@@ -54,7 +55,7 @@ SHAPES: Dict[str, Optional[Dict[str, Any]]] = {
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rms_norm_eps=1e-5,
                      rope_theta=500000.0, max_position_embeddings=131072),
 }
-MODES = ("full", "lora", "qlora")
+MODES = tuple(MODE_BY_NAME)   # full, lora, qlora (remix_ds.modes)
 PLAIN = "plain"
 # What each mode's target ratio to the plain loop is (issue: LoRA/QLoRA >= 1.0x, full >= 0.9x).
 TRAIN_TARGET = {"full": 0.9, "lora": 1.0, "qlora": 1.0}
@@ -318,17 +319,6 @@ class TrainCase:
         pass
 
 
-def qlora_unsupported_reason() -> Optional[str]:
-    """Why the stage cannot train QLoRA, or None when remix_ds.model.load_for_training has a QLoRA path."""
-    from . import model as model_mod
-
-    src = inspect.getsource(model_mod.load_for_training)
-    if "qlora" not in src and "BitsAndBytesConfig" not in src:
-        return ("remix_ds.model.load_for_training has no qlora path yet (finetune='qlora' would load the "
-                "unquantized model and train every weight)")
-    return None
-
-
 def qlora_import_reason() -> Optional[str]:
     """Why QLoRA cannot run here, or None: bitsandbytes (>= 0.46 has CPU kernels) must import."""
     try:
@@ -375,16 +365,17 @@ class PlainCase(TrainCase):
         kw: Dict[str, Any] = {}
         if cuda:
             kw["device_map"] = {"": device.index or 0}
-        if mode == "full":
+        m = mode_of(mode)
+        if not m.trains_adapter:
             load_dtype = torch.float32 if self.amp else dtype   # fp32 master weights under autocast
         else:
             load_dtype = dtype
-        if mode == "qlora":
+        if m.quantized:
             from .model import quantization_config
             kw["quantization_config"] = quantization_config(dtype)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, **kw)
         model.config.use_cache = False
-        if mode in ("lora", "qlora"):
+        if m.trains_adapter:
             from peft import get_peft_model
             model = get_peft_model(model, _lora_config(lora))   # adapters in fp32 (PEFT's default)
         self.model = model.to(device) if "device_map" not in kw else model
@@ -444,7 +435,7 @@ class RemixCase(TrainCase):
         self.eng = build_engine(path, mode, lora, self.ds_cfg, dtype, lr=LR[mode], betas=BETAS, weight_decay=0.0,
                                 total_steps=total_steps, warmup_ratio=0.0)
         self.model = self.eng.module
-        if mode == "qlora" and not _has_4bit_layers(self.model):
+        if mode_of(mode).quantized and not _has_4bit_layers(self.model):
             self.eng.close()
             raise _Skip("remix_ds.model.load_for_training('qlora') returned a model without 4-bit layers")
         self.device = self.eng.device
@@ -663,11 +654,11 @@ class Bench:
 
     # -------------------------------------------------------------- train
     def _skip_reason(self, mode: str, config: str) -> Optional[str]:
-        if mode == "qlora":
-            reason = (qlora_unsupported_reason() if config != PLAIN else None) or qlora_import_reason()
+        if mode_of(mode).quantized:
+            reason = qlora_import_reason()
             if reason:
                 return reason
-        if config == PLAIN and self.world > 1 and mode == "qlora":
+        if config == PLAIN and self.world > 1 and mode_of(mode).quantized:
             return "the plain data-parallel loop (DDP) is not run over 4-bit layers"
         return None
 
@@ -708,7 +699,7 @@ class Bench:
     def _train_record(self, mode: str, config: str) -> Dict[str, Any]:
         return {"bench": "train", "case": f"{mode}:{config}", "mode": mode,
                 "impl": PLAIN if config == PLAIN else "remix_ds", "ds_config": None if config == PLAIN else config,
-                "lora_r": self.lora.r if mode != "full" else None}
+                "lora_r": self.lora.r if mode_of(mode).trains_adapter else None}
 
     def run_train(self, mode: str, configs: List[str]) -> None:
         """The plain loop of `mode`, then each DeepSpeed config of it, each with its ratio to the plain loop.
@@ -718,8 +709,7 @@ class Bench:
         a = self.args
         batches = fixed_length_batches(min(a.warmup + a.steps, 8), a.batch, a.seq, self.vocab, a.seed)
         ds_configs = [c for c in configs if c != PLAIN]
-        # with no stage side to compare with (QLoRA not in remix_ds), the baseline is timed only on request
-        want_plain = PLAIN in configs or bool(ds_configs) and not (mode == "qlora" and qlora_unsupported_reason())
+        want_plain = PLAIN in configs or bool(ds_configs)
         pair = self.interleave and bool(ds_configs)
         plain_rec: Optional[Dict[str, Any]] = None
         plain_profile: Optional[str] = None

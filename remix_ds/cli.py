@@ -226,12 +226,10 @@ def stage_dir_model(path: str):
         return None
     if not os.path.isfile(os.path.join(path, "DONE.json")):
         raise ConfigError(f"--model {path!r}: the stage has no complete output (no DONE.json)")
-    from pathlib import Path
+    from .modes import mode_of
 
-    from .stages import output_of
-
-    return output_of(Path(path), cfg["spec"]["finetune"], cfg["spec"]["merge"],
-                     lambda: (cfg["base_model"], list(cfg.get("frozen_adapters") or [])))
+    return mode_of(cfg["spec"]).output(path, cfg["spec"]["merge"],
+                                       lambda: (cfg["base_model"], list(cfg.get("frozen_adapters") or [])))
 
 
 def build_tiny_main(argv: Optional[List[str]] = None) -> None:
@@ -294,7 +292,8 @@ def merge_main(argv: Optional[List[str]] = None) -> None:
                                   f"no adapter to merge")
             with open(os.path.join(adapter, "config.json")) as f:
                 cfg = json.load(f)
-            if cfg["spec"]["finetune"] == "qlora":
+            from .modes import mode_of
+            if mode_of(cfg["spec"]).quantized:   # a QLoRA stage: merge into the NF4-dequantised base
                 nf4 = True
                 nf4_dtype = nf4_dtype or cfg.get("precision")
         else:

@@ -36,11 +36,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from .errors import ConfigError
+from .modes import MODES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 DEMO_RECIPE = PACKAGE_DIR / "recipes" / "demo.yaml"
-FINETUNE_MODES = ("full", "lora", "qlora")
+FINETUNE_MODES = tuple(MODES)   # the names of the fine-tuning modes (modes.py)
 STOP_RULES = ("fixed", "loss", "accuracy")
 REGULARIZERS = ("kl", "ewc", "l2")   # remix_ds/penalties.py
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

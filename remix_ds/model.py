@@ -1,15 +1,19 @@
-"""Loading a base model for training (full or LoRA) or for evaluation, and merging adapters."""
+"""Loading a base model for training (the mode chooses: ``modes``) or for evaluation, and merging adapters."""
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .config import LoraSpec
 from .files import atomic_save
+from .modes import mode_of
 from .zero import uses_torch_autocast, zero_stage
+
+if TYPE_CHECKING:
+    from .modes import FineTuneMode
 
 log = logging.getLogger(__name__)
 
@@ -44,62 +48,62 @@ def quantization_config(dtype: torch.dtype, ds_config: Optional[Dict[str, Any]] 
                               bnb_4bit_compute_dtype=dtype, **kwargs)
 
 
-def load_for_training(path: str, finetune: str, lora: LoraSpec, ds_config: Dict[str, Any], dtype: torch.dtype,
-                      frozen_adapters: Sequence[str] = (), gradient_checkpointing: bool = False
+def load_for_training(path: str, finetune: Union[str, "FineTuneMode"], lora: LoraSpec, ds_config: Dict[str, Any],
+                      dtype: torch.dtype, frozen_adapters: Sequence[str] = (), gradient_checkpointing: bool = False
                       ) -> Tuple[torch.nn.Module, Any]:
     """The model to hand to DeepSpeed, and an object to keep alive while the engine lives.
 
-    Under ZeRO-3 the weights are loaded partitioned (``zero.Init`` through HfDeepSpeedConfig), so a
-    large model never materialises whole on one device. ``frozen_adapters`` (earlier stages trained
-    with ``merge: false``) are loaded, kept active and frozen; a new adapter is trained on top.
+    ``finetune``: the mode (``modes.mode_of``: a mode or its name); it loads the base (``load_base``: full
+    fine-tuning in fp32 under torch autocast, QLoRA in NF4) and puts what trains on it (``attach``: a LoRA
+    adapter, ``add_lora``). Under ZeRO-3 the weights are loaded partitioned (``zero.Init`` through
+    HfDeepSpeedConfig), so a large model never materialises whole on one device. ``frozen_adapters`` (earlier
+    stages trained with ``merge: false``) are loaded, kept active and frozen; a new adapter is trained on top.
     ``gradient_checkpointing``: recompute each decoder layer's activations in the backward pass
     (non-reentrant), trading about a third more compute for activation memory.
     """
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    mode = mode_of(finetune)
     keep = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
-    if finetune == "full" and uses_torch_autocast(ds_config):
-        dtype = torch.float32   # the optimizer steps these weights: fp32 masters, the forward cast by autocast
-    if finetune == "qlora":
-        kwargs: Dict[str, Any] = {}
-        if torch.cuda.is_available() and zero_stage(ds_config) != 3:
-            from . import dist
-            kwargs["device_map"] = {"": dist.local_rank()}
-        model = load_4bit(path, dtype, ds_config, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = mode.load_base(path, ds_config, dtype)
     model.config.use_cache = False
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.2x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if finetune in ("lora", "qlora"):
-        from peft import LoraConfig, PeftModel, get_peft_model
+    return mode.attach(model, lora, ds_config, frozen_adapters), keep
 
-        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none")
-        if frozen_adapters:
-            names = [f"frozen{i}" for i in range(len(frozen_adapters))]
-            model = PeftModel.from_pretrained(model, frozen_adapters[0], adapter_name=names[0], is_trainable=False)
-            for name, adapter in zip(names[1:], frozen_adapters[1:]):
-                model.load_adapter(adapter, adapter_name=name, is_trainable=False)
-            model.add_adapter("default", cfg)
-            model.base_model.set_adapter(names + ["default"])  # all active in the forward pass
-            for n, p in model.named_parameters():
-                p.requires_grad = ".default." in n and "lora_" in n
-        else:
-            model = get_peft_model(model, cfg)
-        if uses_torch_autocast(ds_config):
-            skip_adapter_input_casts(model)
-        if keep is None:   # under ZeRO-3 the adapters' weights may be partitioned: only their modules gather them
-            fuse_lora_forward(model)
-        n_train = param_count(p for p in model.parameters() if p.requires_grad)
-        log.info("%s r=%d alpha=%d on %s: %d trainable parameters%s", finetune, lora.r, lora.alpha,
-                 ",".join(lora.target_modules), n_train,
-                 f" (+{len(frozen_adapters)} frozen adapter(s))" if frozen_adapters else "")
-    return model, keep
+
+def add_lora(model: torch.nn.Module, lora: LoraSpec, ds_config: Dict[str, Any], frozen_adapters: Sequence[str] = (),
+             label: str = "lora") -> torch.nn.Module:
+    """A new trainable LoRA adapter (``lora``) on `model`, with the ``frozen_adapters`` loaded below it, all
+    active in the forward pass and only the new one trainable. ``label``: the mode's name, for the log."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none")
+    if frozen_adapters:
+        names = [f"frozen{i}" for i in range(len(frozen_adapters))]
+        model = PeftModel.from_pretrained(model, frozen_adapters[0], adapter_name=names[0], is_trainable=False)
+        for name, adapter in zip(names[1:], frozen_adapters[1:]):
+            model.load_adapter(adapter, adapter_name=name, is_trainable=False)
+        model.add_adapter("default", cfg)
+        model.base_model.set_adapter(names + ["default"])  # all active in the forward pass
+        for n, p in model.named_parameters():
+            p.requires_grad = ".default." in n and "lora_" in n
+    else:
+        model = get_peft_model(model, cfg)
+    if uses_torch_autocast(ds_config):
+        skip_adapter_input_casts(model)
+    # under ZeRO-3 the adapters' weights may be partitioned: only their own modules gather them
+    if zero_stage(ds_config) != 3:
+        fuse_lora_forward(model)
+    n_train = param_count(p for p in model.parameters() if p.requires_grad)
+    log.info("%s r=%d alpha=%d on %s: %d trainable parameters%s", label, lora.r, lora.alpha,
+             ",".join(lora.target_modules), n_train,
+             f" (+{len(frozen_adapters)} frozen adapter(s))" if frozen_adapters else "")
+    return model
 
 
 def load_4bit(path: str, dtype: torch.dtype, ds_config: Optional[Dict[str, Any]] = None, **kwargs):

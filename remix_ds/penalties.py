@@ -36,6 +36,7 @@ import torch
 
 from . import dist
 from .errors import ConfigError
+from .modes import mode_of
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class KLPenalty(Penalty):
         self._cursor = 0
 
     def check(self, stage) -> None:
-        if stage.spec.finetune != "full" and stage.input()[1]:
+        if mode_of(stage.spec).trains_adapter and stage.input()[1]:
             raise ConfigError(f"{stage.name}: regularizer kl on a LoRA stage whose input keeps earlier adapters "
                               f"unmerged: disabling the adapter would also drop theirs, so the reference would not be "
                               f"the stage-start model. Set merge: true in the earlier LoRA stages")
@@ -179,7 +180,7 @@ class KLPenalty(Penalty):
         return collate(chosen, self._pad)
 
     def attach(self, objective) -> None:
-        if self._ctx.stage.spec.finetune != "full":
+        if mode_of(self._ctx.stage.spec).trains_adapter:
             return   # the adapter disabled is the reference
         from transformers import AutoModelForCausalLM
 
@@ -291,7 +292,7 @@ class ParamPenalty(Penalty):
         self.fisher: Optional[Dict[str, torch.Tensor]] = None
 
     def check(self, stage) -> None:
-        if stage.spec.finetune != "full" and stage.input()[1]:
+        if mode_of(stage.spec).trains_adapter and stage.input()[1]:
             raise ConfigError(f"{stage.name}: regularizer {self.name} on a LoRA stage whose input keeps earlier "
                               f"adapters unmerged: the anchor would not be the stage-start weights. Set merge: true in "
                               f"the earlier LoRA stages")
@@ -433,8 +434,9 @@ def fisher_path(stage, dtype: torch.dtype, samples: int) -> Path:
     """Where the Fisher of ``stage``'s previous stage is kept: in that stage's directory, named by what it
     depends on (the previous stage's hash, the weights it covers and how it was computed)."""
     spec = stage.spec
-    lora = None if spec.finetune == "full" else [spec.lora.r, sorted(spec.lora.target_modules)]
-    key = hashlib.sha256(json.dumps([stage.previous.hash, spec.finetune != "full", lora, samples, str(dtype)],
+    adapter = mode_of(spec).trains_adapter
+    lora = [spec.lora.r, sorted(spec.lora.target_modules)] if adapter else None
+    key = hashlib.sha256(json.dumps([stage.previous.hash, adapter, lora, samples, str(dtype)],
                                     default=str).encode()).hexdigest()[:12]
     return stage.previous.dir / "fisher" / f"{key}.safetensors"
 
@@ -462,7 +464,7 @@ def fisher_model(path: str, spec, dtype: torch.dtype, device: torch.device) -> t
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.config.use_cache = False
-    if spec.finetune != "full":
+    if mode_of(spec).trains_adapter:
         from peft import LoraConfig, get_peft_model
 
         cfg = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=0.0,

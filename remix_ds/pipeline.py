@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 from . import dist, retention
 from .config import Recipe, Variant
 from .data import dataset_examples, is_factoid, stage_train_set
-from .zero import load_ds_config, offloads_params, resolve_precision
+from .zero import load_ds_config, resolve_precision
 from .files import read_json, write_json_atomic
 from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
@@ -19,6 +19,7 @@ from .batching import batch_plan
 from .checkpoints import latest_checkpoint
 from .stage import train_stage
 from .stages import Stage
+from .modes import mode_of
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +83,9 @@ def check_model_dir(model: str, what: str, adapter_ok: bool = False) -> None:
 
 
 def check_combination(spec, ds_cfg: Dict[str, Any], next_spec, where: str) -> None:
-    """Refuse, before training, the combinations DeepSpeed, PEFT or bitsandbytes cannot run."""
-    if spec.finetune == "qlora":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"{where}: finetune: qlora needs bitsandbytes (pip install bitsandbytes)") from None
-        if offloads_params(ds_cfg):
-            raise ConfigError(f"{where}: finetune: qlora cannot run with ZeRO-3 parameter offload "
-                              f"(4-bit weights cannot be offloaded to CPU by DeepSpeed); use zero3 or zero2")
-    if spec.finetune == "qlora" and not spec.merge:
-        raise ConfigError(f"{where}: merge: false is not supported for qlora: the adapter was trained on the NF4 "
-                          f"base, and evaluation and later stages would load it on the unquantised one; use "
-                          f"merge: true (the adapter goes into the NF4-dequantised weights it was trained on)")
-    if spec.finetune == "full" and not spec.merge:
-        raise ConfigError(f"{where}: merge: false only applies to lora / qlora stages")
-    if spec.finetune != "full" and not spec.merge and next_spec is not None and next_spec.finetune == "full":
-        raise ConfigError(f"{where}: merge: false keeps the adapter for a LoRA stage after it, but the next "
-                          f"stage is full fine-tuning; use merge: true")
+    """Refuse, before training, the combinations DeepSpeed, PEFT or bitsandbytes cannot run: the stage's mode
+    checks its own settings (``FineTuneMode.validate``)."""
+    mode_of(spec).validate(spec, ds_cfg, next_spec, where)
 
 
 def eval_keys(stage: Stage) -> List[str]:
@@ -276,7 +262,7 @@ def spec_keys(variant: Variant) -> Dict[str, Any]:
             out[prefix] = list(value) if isinstance(value, tuple) else value
     for k, spec in enumerate(variant.stages, 1):
         d = {key: v for key, v in dataclasses.asdict(spec).items() if key not in OPERATIONAL_KEYS + ("track", "probe")}
-        if spec.finetune == "full":
+        if not mode_of(spec).trains_adapter:
             d.pop("lora")
         if d.get("mix") is None:
             d["mix"] = "none"
@@ -298,7 +284,7 @@ def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]],
         letters.setdefault(spec.data, dataset_letter(j))
     for k, spec in enumerate(variant.stages, 1):
         reg = getattr(spec, "regularizer", None)   # the baseline's penalty, named in the mode: full+ewc(1e+03)
-        row[f"finetune_stage{k}"] = spec.finetune + (f"(r={spec.lora.r})" if spec.finetune != "full" else "") \
+        row[f"finetune_stage{k}"] = mode_of(spec).describe(spec) \
             + (f"+{reg.method}({reg.weight:g})" if reg is not None else "")
         row[f"regularizer_stage{k}"] = reg.method if reg is not None else "none"
         row[f"mix_stage{k}"] = f"{spec.mix.source}:{spec.mix.ratio:g}" if spec.mix and spec.mix.ratio > 0 else "none"
@@ -321,7 +307,7 @@ def variant_row(recipe: Recipe, variant: Variant, results: List[Dict[str, Any]],
         row[f"eval_seconds_stage{k}"] = round(sum(m.get("seconds") or 0.0 for m in ev.values()), 3) if ev else None
         stages.append({"stage": k, "data": spec.data, "finetune": spec.finetune,
                        "regularizer": row[f"regularizer_stage{k}"],
-                       "lora_r": spec.lora.r if spec.finetune != "full" else None,
+                       "lora_r": spec.lora.r if mode_of(spec).trains_adapter else None,
                        "mix": row[f"mix_stage{k}"], "epochs": s["epochs"], "stopped_by": s["stopped_by"],
                        "train_seconds": s["train_seconds"], "n_data": s.get("n_data"), "n_mix": s.get("n_mix"),
                        "n_dropped": s.get("n_dropped"), "tokens": s.get("tokens"),

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import dist, study, tracking
-from .adapters import local_model_dir, streaming_merge
+from .adapters import local_model_dir
 from .batching import TokenCount, batch_plan, epoch_order, global_step, packs, study_global_step, throughput
 from .checkpoints import InterruptAtStep, StageInterrupted, latest_checkpoint, prune_checkpoints, truncate_log
 from .data import dataset_examples, is_factoid, stage_train_set
@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .evaluate import teacher_forced_accuracy
 from .files import write_json_atomic
 from .model import load_tokenizer, param_count
+from .modes import mode_of
 from .penalties import PenaltyContext, build_penalties
 from .stages import Stage
 from .zero import adapter_tensor_size, describe_zero, resolve_ds_config, torch_dtype, zero_stage
@@ -478,18 +479,14 @@ class StageRun:
                 logits = eng.logits(probe).float().cpu()
             if dist.is_main():
                 torch.save({"batch": probe, "logits": logits}, out / "probe_logits.pt")
-        if spec.finetune == "full":
-            eng.save_full(str(out / "model"), self.tok, save_dtype)
-        else:
-            eng.save_adapter(str(out / "adapter"), self.tok)
+        mode = mode_of(spec)
+        mode.save(eng, out, self.tok, save_dtype)
         eng.close()
         self.eng = eng = None  # free the engine before merging
-        if spec.finetune != "full" and spec.merge:
+        if mode.merges(spec.merge):
             if dist.is_main():
                 # shard by shard on CPU; a QLoRA adapter goes into the NF4-dequantised 16-bit weights
-                stats = streaming_merge(local_model_dir(self.base), self.frozen + [str(out / "adapter")],
-                                        str(out / "merged"), dtype=save_dtype, nf4=spec.finetune == "qlora",
-                                        nf4_dtype=self.dtype)
+                stats = mode.merge(local_model_dir(self.base), self.frozen, out, save_dtype, self.dtype)
                 log.info("%s: merged %d adapted weights into %s (peak RSS %.2f GiB)", stage.name, stats["merged"],
                          out / "merged", stats["peak_rss_gib"])
             dist.barrier()

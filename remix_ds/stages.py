@@ -25,7 +25,8 @@ from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import stage_train_set
 from .files import read_json
 from .tiny import resolve_model_path
-from .zero import PURE_BF16, adapt_zero_stage, load_ds_config, resolve_precision, zero_stage
+from .modes import mode_of
+from .zero import adapt_zero_stage, load_ds_config, zero_stage
 
 # stage keys that change how a run is logged, checkpointed or batched, not what it trains: changing one neither
 # retrains a complete stage nor stops a resume from the checkpoints of an interrupted one (packing gives every
@@ -206,21 +207,13 @@ def stages_of(recipe: Recipe, variant: Variant) -> List[Stage]:
 
 def output_of(d: Path, finetune: str, merge: bool, stage_in: Callable[[], Tuple[str, List[str]]]
               ) -> Tuple[str, List[str]]:
-    """``Stage.output`` for the stage directory `d`: its full or merged model, or (LoRA with merge: false) the
-    stage's input (``stage_in()``: base directory, adapters already on it) with its own adapter on top."""
-    if finetune == "full":
-        return str(d / "model"), []
-    if merge:
-        return str(d / "merged"), []
-    base, adapters = stage_in()
-    return base, adapters + [str(d / "adapter")]
+    """``Stage.output`` for the stage directory `d`: the mode's (``FineTuneMode.output``)."""
+    return mode_of(finetune).output(d, merge, stage_in)
 
 
 def stage_precision(recipe: Recipe, spec: StageSpec) -> str:
-    """``Stage.precision`` of a spec."""
-    if spec.finetune == "full" and recipe.follows_study("precision") and recipe.precision in ("auto", "bf16"):
-        return PURE_BF16
-    return resolve_precision(recipe.precision)
+    """``Stage.precision`` of a spec: the mode's (``FineTuneMode.precision``)."""
+    return mode_of(spec).precision(recipe)
 
 
 def examples_digest(examples) -> str:

@@ -15,6 +15,7 @@ import torch
 from . import dist
 from .config import REPO_DIR
 from .errors import ConfigError
+from .modes import mode_of
 
 log = logging.getLogger(__name__)
 DS_CONFIG_DIRS = [Path.cwd() / "ds_configs", REPO_DIR / "ds_configs"]
@@ -98,14 +99,15 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 
 def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: int, grad_accum: int,
-                      grad_clip: float, precision: str, hidden_size: int, finetune: str = "full",
+                      grad_clip: float, precision: str, hidden_size: int, finetune: Any = "full",
                       adapt: bool = True, adapter_tensor_size: int = 0) -> Dict[str, Any]:
     """Load a ds_config and replace every "auto" with a concrete value; refuse any left over.
 
     With ``adapt`` (a stage's ``adapt_zero``, on by default) the ZeRO stage is chosen by world size and
-    mode: ZeRO-3 on one process runs as ZeRO-2 (``effective_zero_stage``), a LoRA/QLoRA stage at
-    ZeRO-1/2 runs without ZeRO, under torch autocast (``adapter_zero_stage``), and so does full fine-tuning
-    on one process, with fp32 weights (``single_process_full_stage``).
+    mode (``finetune``: a ``modes`` mode or its name): ZeRO-3 on one process runs as ZeRO-2
+    (``effective_zero_stage``), a LoRA/QLoRA stage at ZeRO-1/2 runs without ZeRO, under torch autocast
+    (``adapter_zero_stage``), and so does full fine-tuning on one process, with fp32 weights
+    (``single_process_full_stage``); the mode says which applies (``FineTuneMode.adapt_zero``).
 
     ``adapter_tensor_size``: the largest LoRA tensor (r x the widest projection dimension); a LoRA/QLoRA
     ZeRO-3 config's "auto" persistence threshold is raised above it, so that the adapters stay whole on every
@@ -154,7 +156,7 @@ def resolve_ds_config(name: str, *, global_batch_size: int, micro_batch_size: in
     for key, value in (("reduce_bucket_size", h2), ("allgather_bucket_size", h2),
                        ("stage3_prefetch_bucket_size", int(0.9 * h2)),
                        ("stage3_param_persistence_threshold",
-                        max(10 * hidden_size, adapter_tensor_size + 1 if finetune in ("lora", "qlora") else 0))):
+                        max(10 * hidden_size, adapter_tensor_size + 1 if mode_of(finetune).trains_adapter else 0))):
         if zo.get(key) == "auto":
             zo[key] = value
     if offloads_optimizer(cfg):
@@ -184,15 +186,16 @@ def _walk(d: Dict[str, Any], prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
-def adapt_zero_stage(cfg: Dict[str, Any], world_size: int, finetune: str, precision: str,
+def adapt_zero_stage(cfg: Dict[str, Any], world_size: int, finetune: Any, precision: str,
                      notes: List[str]) -> Dict[str, Any]:
     """The ZeRO stage a stage runs with ``adapt_zero`` (the default), by world size and mode: a ds_config
-    with that stage applied; why each change was made is appended to ``notes``. Depends only on the config's
-    ZeRO block, the world size, the mode and the precision (not on the model), so a run can tell the stage its
-    checkpoints need before loading anything (``stages.Stage.checkpoint_layout``)."""
+    with that stage applied; why each change was made is appended to ``notes``. ZeRO-3 on one process first
+    becomes ZeRO-2 (``effective_zero_stage``); then the mode (``finetune``: a mode or its name) applies its own
+    policy (``FineTuneMode.adapt_zero``: ``adapter_zero_stage`` or ``single_process_full_stage``). Depends only
+    on the config's ZeRO block, the world size, the mode and the precision (not on the model), so a run can tell
+    the stage its checkpoints need before loading anything (``stages.Stage.checkpoint_layout``)."""
     cfg = effective_zero_stage(cfg, world_size, notes)
-    cfg = adapter_zero_stage(cfg, finetune, precision, notes)
-    return single_process_full_stage(cfg, world_size, finetune, precision, notes)
+    return mode_of(finetune).adapt_zero(cfg, world_size, precision, notes)
 
 
 def effective_zero_stage(cfg: Dict[str, Any], world_size: int, notes: List[str]) -> Dict[str, Any]:
@@ -209,8 +212,9 @@ def effective_zero_stage(cfg: Dict[str, Any], world_size: int, notes: List[str])
     return cfg
 
 
-def adapter_zero_stage(cfg: Dict[str, Any], finetune: str, precision: str, notes: List[str]) -> Dict[str, Any]:
-    """LoRA/QLoRA at ZeRO-1/2 without offload: run without ZeRO, the adapters in fp32 under torch autocast.
+def adapter_zero_stage(cfg: Dict[str, Any], mode: str, precision: str, notes: List[str]) -> Dict[str, Any]:
+    """LoRA/QLoRA (``mode``: its name, for the note) at ZeRO-1/2 without offload: run without ZeRO, the adapters
+    in fp32 under torch autocast. The adapter modes apply it (``modes.Lora.adapt_zero``).
 
     ZeRO-1/2 partition optimizer state and gradients, which for a LoRA adapter are a few megabytes: there is
     nothing worth partitioning, yet DeepSpeed's bf16 mode would still cast the adapters to bf16, keep fp32
@@ -220,18 +224,19 @@ def adapter_zero_stage(cfg: Dict[str, Any], finetune: str, precision: str, notes
     bf16/fp16: what a hand-written PEFT loop does. Several processes still average the adapter gradients
     (an all-reduce of a few megabytes). ZeRO-3 is kept: there it partitions the frozen base weights.
     """
-    if finetune not in ("lora", "qlora") or zero_stage(cfg) not in (1, 2) or offloads_optimizer(cfg):
+    if zero_stage(cfg) not in (1, 2) or offloads_optimizer(cfg):
         return cfg
-    notes.append(f"{finetune}: adapter weights need no ZeRO partitioning; running without ZeRO"
+    notes.append(f"{mode}: adapter weights need no ZeRO partitioning; running without ZeRO"
                  f"{f', {precision} torch autocast' if precision != 'fp32' else ''} (set adapt_zero: false to run the "
                  f"ds_config as written)")
     return _without_zero(cfg, precision)
 
 
-def single_process_full_stage(cfg: Dict[str, Any], world_size: int, finetune: str, precision: str,
+def single_process_full_stage(cfg: Dict[str, Any], world_size: int, precision: str,
                               notes: List[str]) -> Dict[str, Any]:
     """Full fine-tuning on one process at ZeRO-1/2 without offload: run without ZeRO, fp32 weights under torch
-    autocast (``load_for_training`` loads them in fp32), as a hand-written loop does.
+    autocast (``load_for_training`` loads them in fp32), as a hand-written loop does. Full fine-tuning applies
+    it (``modes.FineTuneMode.adapt_zero``).
 
     On one process ZeRO-1/2 partition nothing, yet DeepSpeed's bf16 ZeRO optimizer still runs its per-parameter
     host-side bookkeeping every step (gradient hooks, a norm and an inf check per tensor, flat-buffer copies):
@@ -240,7 +245,7 @@ def single_process_full_stage(cfg: Dict[str, Any], world_size: int, finetune: st
     Adam moments, against bf16 weights and gradients, fp32 master weights and moments); autocast adds the bf16
     weight copies of the forward pass. Offloading configs keep ZeRO: they trade that memory on purpose.
     """
-    if world_size != 1 or finetune != "full" or zero_stage(cfg) not in (1, 2) or offloads_optimizer(cfg) \
+    if world_size != 1 or zero_stage(cfg) not in (1, 2) or offloads_optimizer(cfg) \
             or offloads_params(cfg):
         return cfg
     how = {"fp32": "", PURE_BF16: ", bf16 weights and AdamW states (the study's pure bf16)"}.get(
