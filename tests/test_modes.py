@@ -103,7 +103,7 @@ def _recipe(tmp_path, semantics, precision):
 
 
 def test_only_full_fine_tuning_takes_the_studys_pure_bf16(tmp_path):
-    from remix_ds.stage import stage_precision
+    from remix_ds.stages import stage_precision
 
     study, plain = _recipe(tmp_path, "study", "bf16"), _recipe(tmp_path, "remix", "bf16")
     assert [m.precision(study) for m in (FULL, LORA, QLORA)] == [PURE_BF16, "bf16", "bf16"]
