@@ -7,6 +7,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+PACKED_IMPL = "remix_varlen"   # remix_ds.attention.IMPL (not imported: attention imports nothing from here)
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over positions whose label is not -100 (fp32)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
@@ -73,11 +75,24 @@ class AnswerLoss(torch.nn.Module):
         # multiplies by logit_scale, Gemma 2/3 soft-cap them): run the model's own forward, which applies
         # them, and take its logits at the answer positions (exact; the full logits are formed there)
         self._own_forward = logit_transform(getattr(base, "config", None)) is not None
+        self._config = getattr(base, "config", None)   # whose attention implementation a packed batch checks
 
     def forward(self, input_ids, attention_mask, labels=None, position_ids=None, predict=False, answer_index=None,
-                answer_target=None):
+                answer_target=None, segments=None):
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = None   # right padding: see the class docstring
+        # --- packed attention without a 4-D mask (remix_ds.attention; collate_varlen): one row, the examples'
+        # boundaries passed to every attention layer, which attends through remix_ds.attention.IMPL (the caller,
+        # Engine.micro_step, switches the model to it for forward and backward)
+        extra = {}
+        if segments is not None:
+            if labels is None:
+                raise ValueError("a varlen-packed batch (segments) needs labels: its segments leave out the last column")
+            if self._config is None or self._config._attn_implementation != PACKED_IMPL:
+                raise RuntimeError("a varlen-packed batch outside remix_ds.attention.packed_attention: its examples "
+                                   "would attend to each other")
+            attention_mask, extra = None, {"packed_segments": segments}
+        # ---
         if labels is not None and input_ids.shape[1] > 1:   # the last position predicts nothing trained
             input_ids = input_ids[:, :-1]
             if attention_mask is not None:   # a packed batch's [rows, 1, L, L] mask
@@ -87,11 +102,11 @@ class AnswerLoss(torch.nn.Module):
         if self._own_forward:   # "hidden" is then the logits themselves, and the head the identity
             head = torch.nn.Identity()
             hidden = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits
+                             use_cache=False, **extra).logits
         else:
             head = self._head
             hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   use_cache=False).last_hidden_state
+                                   use_cache=False, **extra).last_hidden_state
         if labels is None:
             return head(hidden)
         hidden = hidden[:, :labels.shape[1] - 1]   # [B, L-1, H] (a one-token batch: no position to train)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import dist, study, tracking
 from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import dataset_examples, is_factoid, stage_train_set
-from .data.formatting import Encoded, collate, collate_packed, encode_examples, pad_id_of
+from .data.formatting import Encoded, collate, collate_packed, collate_varlen, encode_examples, pad_id_of
 from .zero import (PURE_BF16, adapt_zero_stage, adapter_tensor_size, describe_zero, load_ds_config, resolve_ds_config,
                    resolve_precision, torch_dtype, zero_stage)
 from .engine import Engine
@@ -352,6 +352,8 @@ def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: i
     # on a GPU, batch widths round up to a multiple of 8 (formatting.train_width): fewer distinct shapes
     multiple = WIDTH_MULTIPLE_CUDA if eng.device.type == "cuda" else 1
     make = (lambda mb: collate_packed(mb, pad, pack, multiple)) if pack else (lambda mb: collate(mb, pad, multiple=multiple))
+    if pack and getattr(eng, "packed_varlen", False):   # packed attention without a 4-D mask (remix_ds.attention)
+        make = lambda mb: collate_varlen(mb, pad, multiple)  # noqa: E731
     make = collate_fn or make
     n_tok = sum(labelled(e) for e in chunk) if labelled else sum(e.num_answer_tokens for e in chunk)
     slots = split_global_batch(chunk, world * gas, by_tokens=bool(pack))

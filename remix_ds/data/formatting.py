@@ -260,6 +260,35 @@ def collate_packed(batch: Sequence[Encoded], pad_id: int, capacity: int, multipl
     return {"input_ids": ids, "attention_mask": mask[:, None], "labels": labels, "position_ids": pos}
 
 
+def collate_varlen(batch: Sequence[Encoded], pad_id: int, multiple: int = 1) -> dict:
+    """All examples of a micro-batch back to back in one row, for the packed attention kernels of
+    ``remix_ds.attention`` (no 4-D mask): input_ids, labels, position_ids (restarting at 0 for every example) and
+    ``segments``, the boundaries the attention takes. The row is padded to ``train_width`` (`multiple`).
+
+    The segments describe the row as the training loss runs it, without its last column (``AnswerLoss``: no label
+    follows it): the trailing padding (if any) is one more segment, else the last example is one token shorter.
+    As in ``collate_packed``, each example starts with a token labelled -100, so no loss crosses a boundary."""
+    from ..attention import make_segments
+
+    total = sum(len(e.input_ids) for e in batch)
+    width = train_width(total, multiple)
+    ids = torch.full((1, width), pad_id, dtype=torch.long)
+    labels = torch.full((1, width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((1, width), dtype=torch.long)
+    lengths, off = [], 0
+    for e in batch:
+        n = len(e.input_ids)
+        ids[0, off:off + n] = torch.tensor(e.input_ids)
+        labels[0, off:off + n] = torch.tensor(e.labels)
+        pos[0, off:off + n] = torch.arange(n)
+        lengths.append(n)
+        off += n
+    if width > total:
+        lengths.append(width - total)   # the padding: a segment of its own, its outputs unused
+    lengths[-1] -= 1                    # the column the loss drops
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "segments": make_segments(lengths)}
+
+
 def collate_prompts(prompts: Sequence[List[int]], pad_id: int) -> dict:
     """Left-padded prompts for batched generation."""
     width = max(len(p) for p in prompts)
