@@ -112,9 +112,15 @@ def test_pack_rows_shrinks_the_padded_area_below_first_fit():
 
 
 def test_collate_packed_falls_back_to_padding_when_packing_saves_nothing():
+    from remix_ds.data.formatting import collate_varlen
+
     uniform = _fake([64] * 8)
     b = collate_packed(uniform, pad_id=0, capacity=256)
     assert b["attention_mask"].dim() == 2 and "position_ids" not in b and b["input_ids"].shape == (8, 64)
+    b = collate_varlen(uniform, pad_id=0)
+    assert b["attention_mask"].dim() == 2 and "segments" not in b and b["input_ids"].shape == (8, 64)
+    b = collate_varlen(_fake([20] * 6 + [100] * 2), pad_id=0)
+    assert b["input_ids"].shape == (1, 320) and b["segments"].lengths == [20] * 6 + [100, 99]
     mixed = _fake([20] * 6 + [100] * 2)
     b = collate_packed(mixed, pad_id=0, capacity=128)
     assert b["attention_mask"].dim() == 4 and b["input_ids"].shape[0] < 8

@@ -267,11 +267,16 @@ def collate_varlen(batch: Sequence[Encoded], pad_id: int, multiple: int = 1) -> 
 
     The segments describe the row as the training loss runs it, without its last column (``AnswerLoss``: no label
     follows it): the trailing padding (if any) is one more segment, else the last example is one token shorter.
-    As in ``collate_packed``, each example starts with a token labelled -100, so no loss crosses a boundary."""
+    As in ``collate_packed``, each example starts with a token labelled -100, so no loss crosses a boundary, and
+    when packing would not shrink the padded area below PACK_GAIN of the plain batch's, returns ``collate``'s."""
     from ..attention import make_segments
 
     total = sum(len(e.input_ids) for e in batch)
     width = train_width(total, multiple)
+    if width > PACK_GAIN * len(batch) * train_width(max(len(e.input_ids) for e in batch), multiple):
+        # packing would save little padding (factoids of similar lengths, say): the plain padded batch is the
+        # same computation without the gathers of the packed attention
+        return collate(batch, pad_id, multiple=multiple)
     ids = torch.full((1, width), pad_id, dtype=torch.long)
     labels = torch.full((1, width), IGNORE, dtype=torch.long)
     pos = torch.zeros((1, width), dtype=torch.long)
