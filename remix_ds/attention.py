@@ -267,3 +267,52 @@ def packed_attention(configs: Sequence[object]):
     finally:
         for c, s in zip(configs, saved):
             c._attn_implementation = s
+
+
+# ------------------------------------------------------------------ packing: auto
+
+def choose_packing(eng, chunk: Sequence, world: int, gas: int, rank: int, pad: int, capacity: int,
+                   repeats: int = 3) -> Tuple[bool, Dict[str, object]]:
+    """``packing: auto``: whether packed micro-batches run this rank's share of `chunk` (a global batch) faster than
+    padded ones, measured. Forward passes only (no gradients, nothing of the engine's state changes), padded and
+    packed alternately, `repeats` times, the fastest of each; the ranks' times are summed so that every rank makes
+    the same choice. Returns (pack, what was measured)."""
+    import time
+
+    from . import dist
+    from .stage import global_step_batches
+
+    def run(pack: int) -> float:
+        batches = global_step_batches(eng, chunk, world, gas, rank, pad, pack)
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize(eng.device)
+        t0 = time.perf_counter()
+        for batch in batches:
+            forward_only(eng, batch)
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize(eng.device)
+        return time.perf_counter() - t0
+
+    run(capacity), run(0)   # warm-up: first calls build kernels, caches and allocator pools
+    best = {"packed": float("inf"), "padded": float("inf")}
+    for _ in range(repeats):
+        best["packed"] = min(best["packed"], run(capacity))
+        best["padded"] = min(best["padded"], run(0))
+    t = torch.tensor([best["packed"], best["padded"]], dtype=torch.float64, device=eng.device)
+    if dist.world_size() > 1:
+        dist.all_reduce_sum(t)
+    packed_s, padded_s = (float(x) for x in t.tolist())
+    info: Dict[str, object] = {"packed_forward_s": round(packed_s, 5), "padded_forward_s": round(padded_s, 5),
+                               "packed_kernel": eng.packed_kernel if getattr(eng, "packed_varlen", False)
+                               else "4-D mask", "repeats": repeats}
+    return packed_s < padded_s, info
+
+
+def forward_only(eng, batch: Dict[str, torch.Tensor]) -> None:
+    """The training forward of one micro-batch (``Engine.micro_step``'s, loss included) without gradients."""
+    dev = eng.to_device
+    mask, pos, seg = batch.get("attention_mask"), batch.get("position_ids"), batch.get("segments")
+    extra = {} if seg is None else {"segments": seg.to(eng.device)}
+    with torch.no_grad(), eng.attention_context(batch):
+        eng.engine(dev(batch["input_ids"]), None if mask is None else dev(mask), dev(batch["labels"]),
+                   None if pos is None else dev(pos), False, None, None, **extra)

@@ -90,11 +90,9 @@ WIDTH_MULTIPLE_CUDA = 8
 
 
 def packs(packing, device: Optional[torch.device] = None) -> bool:
-    """A stage's ``packing`` setting on this device: auto packs on CPU and pads on CUDA devices (one H100 run
-    measured packed micro-batches slower there than padded ones: docs/benchmarks.md)."""
-    if packing == "auto":
-        return (device if device is not None else dist.device()).type != "cuda"
-    return bool(packing)
+    """Whether a stage's ``packing`` setting may pack: true and auto (which then measures, once the engine is built:
+    ``remix_ds.attention.choose_packing``); false pads."""
+    return packing == "auto" or bool(packing)
 
 
 def examples_digest(examples) -> str:
@@ -335,6 +333,27 @@ def throughput(real: int, ran: float, seconds: float) -> Dict[str, Any]:
             "padding": round(max(0.0, 1.0 - real / ran), 4)}
 
 
+def batch_maker(eng: Engine, pad: int, pack: int = 0) -> Callable[[List[Encoded]], Dict[str, torch.Tensor]]:
+    """How global_step collates a micro-batch: padded, or with `pack` > 0 packed, into one row with sequence
+    boundaries where the engine's model takes them (``collate_varlen``, ``remix_ds.attention``), else into rows of at
+    most `pack` tokens with a 4-D mask (``collate_packed``)."""
+    # on a GPU, batch widths round up to a multiple of 8 (formatting.train_width): fewer distinct shapes
+    multiple = WIDTH_MULTIPLE_CUDA if eng.device.type == "cuda" else 1
+    if not pack:
+        return lambda mb: collate(mb, pad, multiple=multiple)
+    if getattr(eng, "packed_varlen", False):
+        return lambda mb: collate_varlen(mb, pad, multiple)
+    return lambda mb: collate_packed(mb, pad, pack, multiple)
+
+
+def global_step_batches(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: int, pad: int,
+                        pack: int = 0) -> List[Dict[str, torch.Tensor]]:
+    """The micro-batches global_step would run on this rank for `chunk` (its non-empty ones)."""
+    make = batch_maker(eng, pad, pack)
+    slots = split_global_batch(chunk, world * gas, by_tokens=bool(pack))
+    return [make(slots[a * world + rank]) for a in range(gas) if slots[a * world + rank]]
+
+
 def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: int, pad: int,
                 pack: int = 0, count: Optional[TokenCount] = None,
                 collate_fn: Optional[Callable[[List[Encoded]], Dict[str, torch.Tensor]]] = None,
@@ -349,12 +368,7 @@ def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: i
     `collate_fn` / `labelled` replace the padded collation and the count of an example's trained positions (the
     study's EOS-labelled padding with remix_ds's order: ``study_except: [order]``).
     """
-    # on a GPU, batch widths round up to a multiple of 8 (formatting.train_width): fewer distinct shapes
-    multiple = WIDTH_MULTIPLE_CUDA if eng.device.type == "cuda" else 1
-    make = (lambda mb: collate_packed(mb, pad, pack, multiple)) if pack else (lambda mb: collate(mb, pad, multiple=multiple))
-    if pack and getattr(eng, "packed_varlen", False):   # packed attention without a 4-D mask (remix_ds.attention)
-        make = lambda mb: collate_varlen(mb, pad, multiple)  # noqa: E731
-    make = collate_fn or make
+    make = collate_fn or batch_maker(eng, pad, pack)
     n_tok = sum(labelled(e) for e in chunk) if labelled else sum(e.num_answer_tokens for e in chunk)
     slots = split_global_batch(chunk, world * gas, by_tokens=bool(pack))
     scale = world * gas / n_tok
@@ -613,6 +627,20 @@ def train_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = Non
     eng = Engine(model, ds_cfg, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
                  total_steps=total_steps, warmup_ratio=spec.warmup_ratio,
                  warmup_from_zero=recipe.follows_study("schedule"))
+    # --- packing: auto times packed against padded forwards of one global batch and keeps the faster
+    if pack and spec.packing == "auto" and plan is None:
+        from .attention import choose_packing
+        sample = [enc[i] for i in epoch_order(len(enc), recipe.seed, k, 0)[:G]]
+        packed, how = choose_packing(eng, sample, world, gas, rank, pad, pack)
+        pack = pack if packed else 0
+        if dist.is_main():
+            from .files import read_json
+            written = read_json(out / "config.json")
+            write_json_atomic(str(out / "config.json"), {**written, "packing": bool(pack), "packing_auto": how})
+            log.info("%s/stage%d: packing: auto chose %s (forward of one global batch: packed %.4fs with %s, padded "
+                     "%.4fs)", variant.name, k, "packing" if packed else "padding", how["packed_forward_s"],
+                     how["packed_kernel"], how["padded_forward_s"])
+    # ---
     trainable = [p for p in eng.module.parameters() if p.requires_grad]
     n_trainable = param_count(trainable)
     trainable_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainable})

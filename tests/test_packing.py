@@ -423,3 +423,28 @@ def test_stage_step_with_varlen_packing_trains_as_padding(tiny_dir, one_process_
     for n, g in out[0][2][-1].items():
         torch.testing.assert_close(out[128][2][-1][n], g, atol=1e-5, rtol=1e-4, msg=n)
 
+
+
+def test_packing_auto_measures_forwards_without_changing_the_engine(tiny_dir, one_process_dist):
+    """choose_packing times padded and packed forwards of a global batch and picks the faster; it trains nothing
+    (the weights and the optimizer's step count stay, no gradient is left)."""
+    from remix_ds.attention import choose_packing
+    from remix_ds.config import LoraSpec
+    from remix_ds.engine import Engine
+    from remix_ds.model import load_for_training, load_tokenizer
+    from remix_ds.zero import resolve_ds_config
+
+    tok = load_tokenizer(tiny_dir)
+    enc = _encoded(tok)
+    cfg = resolve_ds_config("zero2", global_batch_size=8, micro_batch_size=4, grad_accum=2, grad_clip=1.0,
+                            precision="fp32", hidden_size=128, finetune="full", adapt=True)
+    model, _ = load_for_training(tiny_dir, "full", LoraSpec(r=4, alpha=8), cfg, torch.float32)
+    eng = Engine(model, cfg, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, total_steps=4, warmup_ratio=0.0)
+    before = {n: p.detach().clone() for n, p in eng.module.named_parameters()}
+    packed, how = choose_packing(eng, enc, 1, 2, 0, tok.pad_token_id, 128, repeats=2)
+    assert packed == (how["packed_forward_s"] < how["padded_forward_s"]) and how["packed_kernel"] == "sdpa_groups"
+    assert how["packed_forward_s"] > 0 and how["padded_forward_s"] > 0
+    for n, p in eng.module.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None, n
+    assert eng.engine.global_steps == 0 and eng.engine.training
+    eng.close()
