@@ -132,8 +132,40 @@ def _varlen_fn():
 
 
 def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch's varlen_attn (FlashAttention's variable-length kernel) can run here: CUDA, fp16/bf16."""
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _varlen_fn() is not None
+    """Whether torch's varlen_attn (FlashAttention's variable-length kernel) can run here: CUDA, fp16/bf16, and a
+    probe on small tensors (forward and backward, GQA) agrees with ``sdpa_groups`` (``varlen_probe``)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or _varlen_fn() is None:
+        return False
+    return varlen_probe(str(device), dtype) is None
+
+
+_probed: Dict[Tuple[str, torch.dtype], Optional[str]] = {}
+
+
+def varlen_probe(device: str, dtype: torch.dtype) -> Optional[str]:
+    """Run varlen_attn once on `device` (cached): None when its outputs and input gradients match the
+    ``sdpa_groups`` kernel's on random inputs, else why not (an error, or the largest difference). A torch whose
+    varlen_attn has another signature or rejects these shapes then packs through ``sdpa_groups`` instead."""
+    key = (device, dtype)
+    if key not in _probed:
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            seg = make_segments([5, 11, 1, 7]).to(torch.device(device))
+            T = seg.total
+            q, k, v = (torch.randn(1, h, T, 64, generator=g, device=device, dtype=dtype).requires_grad_()
+                       for h in (4, 2, 2))
+            outs = []
+            for fn in (_varlen, _sdpa_groups):
+                o = fn(q, k, v, seg, None)
+                grads = torch.autograd.grad(o.float().square().sum(), (q, k, v))
+                outs.append([o.float()] + [x.float() for x in grads])
+            err = max(float((a - b).abs().max() / (b.abs().max() + 1e-6)) for a, b in zip(*outs))
+            _probed[key] = None if err < 5e-2 else f"varlen_attn differs from sdpa_groups by {err:.3g} (relative)"
+        except Exception as e:   # noqa: BLE001 (any failure means: do not use it)
+            _probed[key] = f"varlen_attn failed: {type(e).__name__}: {e}"[:300]
+        if _probed[key]:
+            log.warning("packed attention: %s; packing through sdpa_groups", _probed[key])
+    return _probed[key]
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:

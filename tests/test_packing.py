@@ -383,6 +383,11 @@ def test_packed_attention_is_refused_where_it_does_not_apply():
     assert supports(LlamaForCausalLM(LlamaConfig(**kw))) is None
     assert supports(LlamaForCausalLM(LlamaConfig(attention_dropout=0.1, **kw))) == "attention dropout"
     assert supports(Gemma2ForCausalLM(Gemma2Config(head_dim=8, **kw))) is not None
+    # varlen_attn is used only where a probe on the device agrees with sdpa_groups: on CPU it fails (a CUDA
+    # kernel), so packed batches there attend through sdpa_groups
+    from remix_ds.attention import kernel_name, varlen_probe
+    assert varlen_probe("cpu", torch.bfloat16).startswith("varlen_attn failed")
+    assert kernel_name(torch.device("cpu"), torch.bfloat16) == "sdpa_groups"
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
