@@ -104,21 +104,20 @@ def make_segments(lengths: Sequence[int], max_groups: int = MAX_GROUPS) -> Segme
         starts.append(starts[-1] + n)
     total = starts[-1]
     groups: List[Tuple[torch.Tensor, int, int]] = []
-    inverse = torch.empty(total, dtype=torch.long)
+    inverse = [0] * total
     slot = 0
     for members in group_lengths(lengths, max_groups):
         m = max(lengths[i] for i in members)
-        idx = torch.empty((len(members), m), dtype=torch.long)
+        idx: List[int] = []
         for r, i in enumerate(members):
             n, s0 = lengths[i], starts[i]
-            tok = torch.arange(s0, s0 + n)
-            idx[r, :n] = tok
-            idx[r, n:] = s0 + n - 1   # padded slots repeat the last token: after it, so causally unseen
-            inverse[s0:s0 + n] = torch.arange(slot + r * m, slot + r * m + n)
-        groups.append((idx.reshape(-1), len(members), m))
+            # padded slots repeat the example's last token: they come after it, so no real query sees them
+            idx += list(range(s0, s0 + n)) + [s0 + n - 1] * (m - n)
+            inverse[s0:s0 + n] = range(slot + r * m, slot + r * m + n)
+        groups.append((torch.tensor(idx), len(members), m))
         slot += len(members) * m
     return Segments(lengths=lengths, cu=torch.tensor(starts, dtype=torch.int32), max_len=max(lengths, default=0),
-                    groups=groups, inverse=inverse)
+                    groups=groups, inverse=torch.tensor(inverse, dtype=torch.long))
 
 
 # ------------------------------------------------------------------ kernels
