@@ -18,6 +18,11 @@ Kernels (``kernel_name``):
   (``is_causal``: flash kernels on a GPU, no mask built), then scattered back. Right padding is exact for causal
   attention (no real query sees a later pad), so each example's outputs and gradients are those it has alone.
 
+Not used: FlexAttention with a document mask (transformers' ``flex_attention`` builds a ``BlockMask`` from packed
+``position_ids``). torch 2.13 implements no FlexAttention backward on CPU ("FlexAttention does not support backward
+on CPU"), so it cannot train there, and on CUDA it needs ``torch.compile`` per shape and a new ``BlockMask`` per
+micro-batch, whose widths change at every step of a packed epoch.
+
 Attention is the only layer that needs the boundaries: embeddings, projections, MLPs and norms act per token, and
 RoPE takes ``position_ids``. Where neither kernel applies (a model whose decoder does not pass keyword arguments to
 its attention layers), the 4-D block-diagonal mask path (``formatting.collate_packed``) stays.
