@@ -30,6 +30,7 @@ its attention layers), the 4-D block-diagonal mask path (``formatting.collate_pa
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -127,12 +128,19 @@ def make_segments(lengths: Sequence[int], max_groups: int = MAX_GROUPS) -> Segme
 
 # ------------------------------------------------------------------ kernels
 
+@functools.lru_cache(maxsize=None)
 def _varlen_fn():
     try:
         from torch.nn.attention.varlen import varlen_attn
     except Exception:
         return None
     return varlen_attn
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_params() -> frozenset:
+    """varlen_attn's keyword names (read once: the attention of every layer asks)."""
+    return frozenset(inspect.signature(_varlen_fn()).parameters)
 
 
 def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -150,23 +158,14 @@ def varlen_probe(device: str, dtype: torch.dtype) -> Optional[str]:
     """Run varlen_attn once on `device` (cached): None when its outputs and input gradients match the
     ``sdpa_groups`` kernel's on random inputs, else why not (an error, or the largest difference). A torch whose
     varlen_attn has another signature or rejects these shapes then packs through ``sdpa_groups`` instead."""
+    global _native_gqa
     key = (device, dtype)
     if key not in _probed:
-        try:
-            g = torch.Generator(device=device).manual_seed(0)
-            seg = make_segments([5, 11, 1, 7]).to(torch.device(device))
-            T = seg.total
-            q, k, v = (torch.randn(1, h, T, 64, generator=g, device=device, dtype=dtype).requires_grad_()
-                       for h in (4, 2, 2))
-            outs = []
-            for fn in (_varlen, _sdpa_groups):
-                o = fn(q, k, v, seg, None)
-                grads = torch.autograd.grad(o.float().square().sum(), (q, k, v))
-                outs.append([o.float()] + [x.float() for x in grads])
-            err = max(float((a - b).abs().max() / (b.abs().max() + 1e-6)) for a, b in zip(*outs))
-            _probed[key] = None if err < 5e-2 else f"varlen_attn differs from sdpa_groups by {err:.3g} (relative)"
-        except Exception as e:   # noqa: BLE001 (any failure means: do not use it)
-            _probed[key] = f"varlen_attn failed: {type(e).__name__}: {e}"[:300]
+        for native in (True, False):   # with varlen_attn's own GQA, then with the key/value heads repeated
+            _native_gqa = native
+            _probed[key] = _probe_once(device, dtype)
+            if _probed[key] is None:
+                break
         if _probed[key]:
             log.warning("packed attention: %s; packing through sdpa_groups", _probed[key])
     return _probed[key]
@@ -176,15 +175,17 @@ def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=dim)
 
 
+_native_gqa = True   # varlen_attn's enable_gqa (its cuDNN backend refuses it): varlen_probe turns it off if needed
+
+
 def _varlen(query, key, value, seg: Segments, scaling: Optional[float]) -> torch.Tensor:
     """[1, H, T, D] inputs -> [1, T, H, D] through torch's varlen_attn, whose keywords differ across torch versions
     (2.10: is_causal; 2.13: window_size=(-1, 0) for causal, enable_gqa, scale)."""
-    fn = _varlen_fn()
-    params = inspect.signature(fn).parameters
+    fn, params = _varlen_fn(), _varlen_params()
     q = query[0].transpose(0, 1)   # [T, H, D]
     n_rep = query.shape[1] // key.shape[1]
     kw: Dict[str, object] = {}
-    if "enable_gqa" in params and n_rep > 1:
+    if "enable_gqa" in params and n_rep > 1 and _native_gqa:
         kw["enable_gqa"] = True
         k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
     else:
@@ -303,6 +304,24 @@ def packed_attention(configs: Sequence[object]):
     finally:
         for c, s in zip(configs, saved):
             c._attn_implementation = s
+
+
+def _probe_once(device: str, dtype: torch.dtype) -> Optional[str]:
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        seg = make_segments([5, 11, 1, 7]).to(torch.device(device))
+        T = seg.total
+        q, k, v = (torch.randn(1, h, T, 64, generator=g, device=device, dtype=dtype).requires_grad_()
+                   for h in (4, 2, 2))
+        outs = []
+        for fn in (_varlen, _sdpa_groups):
+            o = fn(q, k, v, seg, None)
+            grads = torch.autograd.grad(o.float().square().sum(), (q, k, v))
+            outs.append([o.float()] + [x.float() for x in grads])
+        err = max(float((a - b).abs().max() / (b.abs().max() + 1e-6)) for a, b in zip(*outs))
+        return None if err < 5e-2 else f"varlen_attn differs from sdpa_groups by {err:.3g} (relative)"
+    except Exception as e:   # noqa: BLE001 (any failure means: do not use it)
+        return f"varlen_attn failed: {type(e).__name__}: {e}"[:300]
 
 
 # ------------------------------------------------------------------ packing: auto
