@@ -121,15 +121,16 @@ def stage_models(recipe, variant, k: int, adapter: bool = False) -> Optional[Tup
     complete output for the recipe's current config. Default: what evaluation scores (the full or merged
     model; with ``merge: false``, the base with the whole adapter stack). ``adapter``: a LoRA stage's own
     adapter unmerged, on the model it was trained on (with earlier unmerged adapters below it)."""
-    from .stage import is_complete, stage_dir, stage_input, stage_output
+    from .stages import Stage
 
-    if not is_complete(recipe, variant, k):
+    stage = Stage(recipe, variant, k)
+    if not stage.is_complete():
         return None
-    own = stage_dir(recipe, variant, k) / "adapter"
-    if adapter and variant.stages[k - 1].finetune != "full" and own.is_dir():
-        base, frozen = stage_input(recipe, variant, k)
+    own = stage.dir / "adapter"
+    if adapter and stage.spec.finetune != "full" and own.is_dir():
+        base, frozen = stage.input()
         return base, frozen + [str(own)]
-    return stage_output(recipe, variant, k)
+    return stage.output()
 
 
 def analyze(recipe, variants: Optional[List[str]] = None, stages: Optional[List[int]] = None, *,

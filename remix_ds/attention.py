@@ -335,7 +335,7 @@ def choose_packing(eng, chunk: Sequence, world: int, gas: int, rank: int, pad: i
     import time
 
     from . import dist
-    from .stage import global_step_batches
+    from .batching import global_step_batches
 
     def run(pack: int) -> float:
         batches = global_step_batches(eng, chunk, world, gas, rank, pad, pack)

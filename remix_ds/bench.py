@@ -399,7 +399,7 @@ class PlainCase(TrainCase):
     def step(self, chunk) -> torch.Tensor:
         from .data.formatting import collate
         from .objective import token_loss_sum
-        from .stage import split_global_batch
+        from .batching import split_global_batch
 
         n_tok = sum(e.num_answer_tokens for e in chunk)
         if self.world > 1:   # this rank's share; DDP averages gradients, so scale the sum by world / N
@@ -421,55 +421,43 @@ class PlainCase(TrainCase):
 
 
 class RemixCase(TrainCase):
-    """The stage's own path: resolve_ds_config + load_for_training + Engine, stepped by stage.global_step."""
+    """The stage's own path: resolve_ds_config + engine.build_engine (as the stage builds its engine), stepped by
+    batching.global_step."""
 
     def __init__(self, path: str, mode: str, lora, ds_config: str, precision: str, global_batch: int,
                  total_steps: int, pad: int, pack: int = 0, adapt: bool = True):
         from transformers import AutoConfig
 
-        from . import dist, stage
-        from .engine import Engine
+        from . import batching, dist
+        from .engine import build_engine
         from .zero import adapter_tensor_size, resolve_ds_config, torch_dtype
-        from .model import load_for_training
 
-        self.stage, self.pad, self.pack = stage, pad, pack
+        self.batching, self.pad, self.pack = batching, pad, pack
         self.world, self.rank = dist.world_size(), dist.rank()
-        self.micro, self.gas = stage.batch_plan(self.world, global_batch, None)
+        self.micro, self.gas = batching.batch_plan(self.world, global_batch, None)
         dtype = torch_dtype(precision)
         mcfg = AutoConfig.from_pretrained(path)
         self.ds_cfg = resolve_ds_config(ds_config, global_batch_size=global_batch, micro_batch_size=self.micro,
                                         grad_accum=self.gas, grad_clip=GRAD_CLIP, precision=precision,
                                         hidden_size=mcfg.hidden_size, finetune=mode, adapt=adapt,
                                         adapter_tensor_size=adapter_tensor_size(lora.r, mcfg))
-        from .zero import zero_stage
-        from .model import release_zero3
-
-        self.keep = None
-        try:
-            self.model, self.keep = load_for_training(path, mode, lora, self.ds_cfg, dtype)
-            if mode == "qlora" and not _has_4bit_layers(self.model):
-                raise _Skip("remix_ds.model.load_for_training('qlora') returned a model without 4-bit layers")
-            self.eng = Engine(self.model, self.ds_cfg, lr=LR[mode], betas=BETAS, weight_decay=0.0,
-                              total_steps=total_steps, warmup_ratio=0.0)
-        except BaseException:
-            # what close() would undo: later models must not be built under zero.Init
-            release_zero3(self.keep if self.keep is not None else
-                          (True if zero_stage(self.ds_cfg) == 3 else None))
-            raise
+        self.eng = build_engine(path, mode, lora, self.ds_cfg, dtype, lr=LR[mode], betas=BETAS, weight_decay=0.0,
+                                total_steps=total_steps, warmup_ratio=0.0)
+        self.model = self.eng.module
+        if mode == "qlora" and not _has_4bit_layers(self.model):
+            self.eng.close()
+            raise _Skip("remix_ds.model.load_for_training('qlora') returned a model without 4-bit layers")
         self.device = self.eng.device
 
     def step(self, chunk) -> torch.Tensor:
-        count = self.stage.TokenCount()   # the positions of whatever batches the stage builds (as train_stage counts)
-        loss = self.stage.global_step(self.eng, chunk, self.world, self.gas, self.rank, self.pad, self.pack, count)
+        count = self.batching.TokenCount()   # the positions of whatever batches the stage builds (as a stage counts)
+        loss = self.batching.global_step(self.eng, chunk, self.world, self.gas, self.rank, self.pad, self.pack, count)
         self.processed_tokens += count.ran
         return loss
 
     def close(self) -> None:
-        from .model import release_zero3
-
-        self.eng.close()
+        self.eng.close()   # and transformers' ZeRO-3 loading off
         del self.eng, self.model
-        release_zero3(self.keep)
 
 
 NO_CUDNN, TORCH_SDPA = "_no_cudnn", "_torch_sdpa"
@@ -922,7 +910,7 @@ class Bench:
     # -------------------------------------------------------------- padding
     def stage_batches(self, enc, G: int) -> Tuple[List[List[Any]], str]:
         """The global batches the stage would train on in its first epoch, by the stage's own code."""
-        from . import stage
+        from . import batching as stage
 
         fn = getattr(stage, "epoch_batches", None)
         if fn is not None:
@@ -938,7 +926,7 @@ class Bench:
         return _is_cuda(self.device) if a == "auto" else a == "on"
 
     def run_padding(self) -> None:
-        from . import stage
+        from . import batching as stage
         from .data.formatting import collate, encode_examples
 
         a = self.args
@@ -1068,7 +1056,7 @@ class Bench:
         batch 32; per data set the plain loop (pad-to-longest, one micro-batch) and the stage's path on one engine:
         packed (the packed-attention kernel where the model takes it), padded (as `packing: false`), and packed
         with the 4-D mask. Seconds per D_A epoch come from the median (CPU) or mean (GPU) step."""
-        from . import stage
+        from . import batching
         from .data.formatting import encode_examples
         from .data.kvr import kvr_examples
         from .data.mixing import random_word_examples
@@ -1104,7 +1092,7 @@ class Bench:
                 kernel = remix.eng.packed_kernel
                 for data, exs in datasets.items():
                     enc, dropped = encode_examples(self.tok, exs, max_seq, what=f"bench study {data}")
-                    order = stage.epoch_order(len(enc), a.seed, 1, 0)
+                    order = batching.epoch_order(len(enc), a.seed, 1, 0)
                     batches = [[enc[i] for i in order[s * G:(s + 1) * G]] for s in range(len(enc) // G)][:n_steps]
                     epoch_examples = STUDY_FACTOIDS * (1 + (STUDY_MIX_RATIO if data == "mix" else 0))
                     steps_per_epoch = math.ceil(epoch_examples / G)

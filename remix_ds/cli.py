@@ -125,6 +125,7 @@ def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
         from . import dist
         from .config import load_recipe
         from .pipeline import check_recipe, run_stage
+        from .stages import Stage
 
         recipe = load_recipe(args.config, args.overrides)
         if k > recipe.num_stages:
@@ -140,7 +141,7 @@ def stage_main(k: int, argv: Optional[List[str]] = None) -> None:
         dist.init()
         check_recipe(recipe, variants)
         for v in variants:
-            res = run_stage(recipe, v, k)
+            res = run_stage(Stage(recipe, v, k))
             if dist.is_main():
                 accs = ", ".join(f"{key}: {m.get('accuracy', m.get('exact_match')):.3f}"
                                  f" ({m.get('accuracy_metric', 'exact_match')})" for key, m in res["eval"].items())
@@ -227,7 +228,7 @@ def stage_dir_model(path: str):
         raise ConfigError(f"--model {path!r}: the stage has no complete output (no DONE.json)")
     from pathlib import Path
 
-    from .stage import output_of
+    from .stages import output_of
 
     return output_of(Path(path), cfg["spec"]["finetune"], cfg["spec"]["merge"],
                      lambda: (cfg["base_model"], list(cfg.get("frozen_adapters") or [])))

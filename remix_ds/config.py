@@ -42,6 +42,7 @@ REPO_DIR = PACKAGE_DIR.parent
 DEMO_RECIPE = PACKAGE_DIR / "recipes" / "demo.yaml"
 FINETUNE_MODES = ("full", "lora", "qlora")
 STOP_RULES = ("fixed", "loss", "accuracy")
+REGULARIZERS = ("kl", "ewc", "l2")   # remix_ds/penalties.py
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SAVE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 OVERLONG = ("truncate", "drop")
@@ -137,6 +138,14 @@ class RetentionSpec:
 
 
 @dataclass
+class RegularizerSpec:
+    """A continual-learning penalty added to a stage's answer loss (remix_ds/penalties.py, docs/baselines.md)."""
+    method: str = "kl"            # kl (to the stage-start model), ewc (diagonal Fisher), l2 (to the stage start)
+    weight: float = 1.0           # the penalty's factor (EWC's lambda)
+    fisher_samples: int = 256     # ewc: examples of the previous stage's data the Fisher averages over
+
+
+@dataclass
 class StageSpec:
     data: str = ""
     finetune: str = "full"
@@ -172,6 +181,7 @@ class StageSpec:
     probe: bool = False           # save the engine's logits on a few examples (checks that saving is exact)
     tensorboard: bool = False     # also write the train_log scalars as TensorBoard events (<stage dir>/tensorboard)
     report_to: List[str] = field(default_factory=list)   # trackers: tensorboard, wandb, mlflow (remix_ds/tracking.py)
+    regularizer: Optional[RegularizerSpec] = None   # kl | ewc | l2 with its settings (remix_ds/penalties.py)
 
 
 @dataclass
@@ -499,7 +509,9 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
     for s_, block in stage_defaults.items():   # a typo in a defaults block is reported where it was written
         if not isinstance(block, dict):
             raise ConfigError(f"{where}: stage{s_} must be a mapping of stage keys")
-        check = {k: v for k, v in block.items() if not (k == "mix" and v in (None, "none", False))}
+        check = {k: v for k, v in block.items() if not (k in ("mix", "regularizer") and v in (None, "none", False))}
+        if isinstance(check.get("regularizer"), str):
+            check["regularizer"] = {"method": check["regularizer"]}
         build_dataclass(StageSpec, check, f"{where}: stage{s_}")
     variants = []
     seen = set()
@@ -526,6 +538,10 @@ def recipe_from_dict(raw: Dict[str, Any], where: str = "recipe") -> Recipe:
             merged = deep_merge(stage_defaults[s] or {}, vraw.get(f"stage{s}") or {})
             if merged.get("mix") in (None, "none", False):
                 merged.pop("mix", None)
+            if merged.get("regularizer") in (None, "none", False):
+                merged.pop("regularizer", None)
+            elif isinstance(merged.get("regularizer"), str):   # regularizer: ewc (its default settings)
+                merged["regularizer"] = {"method": merged["regularizer"]}
             if study_defaults:
                 study_stage_defaults(merged, d_a, s)
             stages.append(build_dataclass(StageSpec, merged, f"{vwhere} ({name}).stage{s}"))
@@ -687,6 +703,16 @@ def validate(recipe: Recipe, where: str) -> None:
                 raise ConfigError(f"{w}: report_to: unknown tracker {bad[0]!r} (known: tensorboard, wandb, mlflow)")
             if st.log_every < 1:
                 raise ConfigError(f"{w}: log_every must be at least 1")
+            reg = st.regularizer
+            if reg is not None:
+                if reg.method not in REGULARIZERS:
+                    raise ConfigError(f"{w}: regularizer.method must be one of {', '.join(REGULARIZERS)}, got "
+                                      f"{reg.method!r}")
+                if reg.weight < 0 or reg.fisher_samples < 1:
+                    raise ConfigError(f"{w}: regularizer.weight must be >= 0 and fisher_samples >= 1")
+                if reg.method == "ewc" and i == 1:
+                    raise ConfigError(f"{w}: regularizer ewc needs a previous stage (its Fisher is of the previous "
+                                      f"stage's data); use kl or l2 in stage 1")
 
 
 def stage_hash(payload: Dict[str, Any]) -> str:

@@ -10,13 +10,13 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from . import dist
 from .files import atomic_save, write_json_atomic
-from .objective import AnswerLoss, answer_positions
+from .objective import AnswerLoss, answer_positions, combine
 from .zero import offloads_optimizer, uses_torch_autocast, zero_stage
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Engine:
     """Owns one ``deepspeed.initialize`` for one stage."""
 
     def __init__(self, model: torch.nn.Module, ds_config: Dict[str, Any], *, lr: float, betas, weight_decay: float,
-                 total_steps: int, warmup_ratio: float, warmup_from_zero: bool = False):
+                 total_steps: int, warmup_ratio: float, warmup_from_zero: bool = False, penalties: Sequence[Any] = ()):
         import deepspeed
 
         self.ds_config = ds_config
@@ -93,7 +93,16 @@ class Engine:
             self._clip = float(ds_config["gradient_clipping"])
             init_cfg = {**ds_config, "gradient_clipping": 0.0}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=AnswerLoss(model), optimizer=opt, lr_scheduler=sched, config=init_cfg)
+            model=AnswerLoss(model, penalties), optimizer=opt, lr_scheduler=sched, config=init_cfg)
+        # penalties attach after DeepSpeed's own module hooks (a forward pre-hook then sees ZeRO-3's gathered weights)
+        self.penalties = list(penalties)
+        for p in self.penalties:
+            p.attach(self.engine.module)
+        # each penalty's value summed over the micro-steps since the last take_penalty_log(), in units that sum over
+        # ranks to the step's value (see micro_step)
+        self._penalty_log: Dict[str, torch.Tensor] = {}
+        self._world, self._gas = dist.world_size(), int(ds_config.get("gradient_accumulation_steps", 1))
+        self.keep: Any = None   # set by build_engine: what keeps transformers' ZeRO-3 loading on while the engine lives
         # from_pretrained leaves the model in eval mode while the new AnswerLoss around it is in train mode, and
         # micro_step calls train() only after an eval(): without this, the first epoch would run in eval mode
         # (no gradient checkpointing, no dropout of the base model)
@@ -103,9 +112,10 @@ class Engine:
         # SDPA backends for packed micro-batches (None: torch's choice); padded ones always take torch's choice
         self.packed_sdpa: Optional[list] = packed_sdpa_backends(self.device)
         # --- packed micro-batches without a 4-D mask (remix_ds.attention): when the model's attention layers take
-        # sequence boundaries, stage.global_step collates packed micro-batches with collate_varlen
+        # sequence boundaries, global_step collates packed micro-batches with collate_varlen. Penalties keep the
+        # 4-D mask: their reference forwards (penalties.Forward) take the batch's attention mask, not boundaries
         from . import attention
-        why = attention.supports(model)
+        why = "penalties" if self.penalties else attention.supports(model)
         self.packed_varlen: bool = why is None
         self.packed_kernel: str = attention.kernel_name(self.device, self.compute_dtype()) if why is None \
             else f"4-D mask ({why})"
@@ -173,11 +183,16 @@ class Engine:
         # under other SDPA backends (or another attention implementation) saves other tensors
         # (torch.utils.checkpoint raises CheckpointError)
         with self.attention_context(batch):
-            loss_sum = self.engine(dev(batch["input_ids"]), None if mask is None else dev(mask), dev(labels),
-                                   None if pos is None else dev(pos), False,
-                                   None if index is None else dev(index), None if target is None else dev(target),
-                                   **extra)
-            self.engine.backward(loss_sum * scale)
+            out = self.engine(dev(batch["input_ids"]), None if mask is None else dev(mask), dev(labels),
+                              None if pos is None else dev(pos), False,
+                              None if index is None else dev(index), None if target is None else dev(target), **extra)
+            if self.penalties:
+                loss_sum, terms = out
+                self.engine.backward(combine(loss_sum, terms, self.penalties, scale, self._world))
+                self._log_penalties(terms, scale)
+            else:
+                loss_sum = out
+                self.engine.backward(loss_sum * scale)
         return loss_sum.detach()
 
     def attention_context(self, batch: Dict[str, torch.Tensor]):
@@ -190,6 +205,21 @@ class Engine:
             return packed_attention(self._attn_configs)
         mask = batch.get("attention_mask")
         return sdpa_context(self.packed_sdpa if mask is not None and mask.dim() == 4 else None)
+
+    def _log_penalties(self, terms: Dict[str, torch.Tensor], scale: float) -> None:
+        """Add this micro-batch's penalty values so that their sum over the step's micro-batches and the ranks is the
+        step's value: a per-token penalty in the loss's normalisation (scale / (world x gas): the global batch's mean
+        per answer token), a parameter penalty (this rank's slice, the same at every micro-step) once per step."""
+        for p in self.penalties:
+            share = scale / (self._world * self._gas) if p.per_token else 1.0 / self._gas
+            value = terms[p.name].detach().double() * share
+            self._penalty_log[p.name] = self._penalty_log[p.name] + value if p.name in self._penalty_log else value
+
+    def take_penalty_log(self) -> Dict[str, torch.Tensor]:
+        """The penalties' values summed since the last call (on device; sum over ranks, divide by the steps)."""
+        out, self._penalty_log = self._penalty_log, {}
+        return {p.name: out.get(p.name, torch.zeros((), dtype=torch.float64, device=self.device))
+                for p in self.penalties}
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A host batch tensor on the engine's device without a device sync: a blocking host-to-GPU copy
@@ -284,6 +314,8 @@ class Engine:
         dist.barrier()
 
     def close(self) -> None:
+        for p in self.penalties:
+            p.close()
         self.engine.destroy() if hasattr(self.engine, "destroy") else None
         if uses_torch_autocast(self.ds_config):
             # DeepSpeed records torch_autocast in module globals that a later engine of this process (the next
@@ -295,8 +327,33 @@ class Engine:
             except ImportError:
                 pass
         del self.engine, self.optimizer, self.scheduler
+        from .model import release_zero3
+        release_zero3(self.keep)
+        self.keep = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def build_engine(path: str, finetune: str, lora, ds_config: Dict[str, Any], dtype: torch.dtype, *, lr: float, betas,
+                 weight_decay: float, total_steps: int, warmup_ratio: float, warmup_from_zero: bool = False,
+                 frozen_adapters: Sequence[str] = (), gradient_checkpointing: bool = False,
+                 penalties: Sequence[Any] = ()) -> Engine:
+    """The model of a stage loaded for training (``model.load_for_training``) in a DeepSpeed engine on its objective:
+    the one set-up the stage and the bench share. If anything fails, later models are not left under ZeRO-3's
+    partitioned loading."""
+    from .model import load_for_training, release_zero3
+
+    keep = True if zero_stage(ds_config) == 3 else None
+    try:
+        model, keep = load_for_training(path, finetune, lora, ds_config, dtype, frozen_adapters=frozen_adapters,
+                                        gradient_checkpointing=gradient_checkpointing)
+        eng = Engine(model, ds_config, lr=lr, betas=betas, weight_decay=weight_decay, total_steps=total_steps,
+                     warmup_ratio=warmup_ratio, warmup_from_zero=warmup_from_zero, penalties=penalties)
+    except BaseException:
+        release_zero3(keep)
+        raise
+    eng.keep = keep
+    return eng
 
 
 class _nullcontext:

@@ -2,7 +2,7 @@
 where a label is trained."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +65,11 @@ class AnswerLoss(torch.nn.Module):
     and in a causal model no earlier position depends on it (one position fewer of L, forward and backward).
     """
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, penalties: Sequence[Any] = ()):
         super().__init__()
         self.lm = lm
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        self.base = base
         self._decoder = base.get_decoder()
         self._head = base.get_output_embeddings()
         # families that transform the logits after the output layer (Granite divides by logits_scaling, Cohere
@@ -76,9 +77,34 @@ class AnswerLoss(torch.nn.Module):
         # them, and take its logits at the answer positions (exact; the full logits are formed there)
         self._own_forward = logit_transform(getattr(base, "config", None)) is not None
         self._config = getattr(base, "config", None)   # whose attention implementation a packed batch checks
+        # penalties (remix_ds/penalties.py) live outside the module tree: DeepSpeed must not see a reference
+        # model's weights as the trained model's
+        object.__setattr__(self, "penalties", list(penalties))
+
+    def _run(self, model: Optional[torch.nn.Module], input_ids, attention_mask, position_ids, **extra):
+        """(hidden states or, for logit-transforming families, the logits; the head that maps them to logits) of
+        `model` (None: the trained model)."""
+        lm = self.lm if model is None else model
+        if self._own_forward:   # "hidden" is then the logits themselves, and the head the identity
+            return lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False, **extra).logits, torch.nn.Identity()
+        decoder = self._decoder if model is None else model.get_decoder()
+        head = self._head if model is None else model.get_output_embeddings()
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, **extra).last_hidden_state, head
+
+    def answer_logits(self, fwd, model: Optional[torch.nn.Module]) -> torch.Tensor:
+        """The logits of `model` (None: the trained model as it is now, e.g. with its adapter disabled) at the
+        answer positions of a training forward (``penalties.Forward``): [n, vocab]."""
+        hidden, head = self._run(model, fwd.input_ids, fwd.attention_mask, fwd.position_ids)
+        hidden = hidden[:, :fwd.input_ids.shape[1]]
+        return head(_answer_rows(hidden, fwd.answer_index))
 
     def forward(self, input_ids, attention_mask, labels=None, position_ids=None, predict=False, answer_index=None,
                 answer_target=None, segments=None):
+        """Without labels: the full logits. With labels: the answer tokens' cross-entropy sum (fp32); with
+        ``predict`` the greedy token at each answer position instead; with penalties (``loss_terms``) a pair
+        (the cross-entropy sum, {penalty name: its raw term}). ``segments``: a varlen-packed batch (below)."""
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = None   # right padding: see the class docstring
         # --- packed attention without a 4-D mask (remix_ds.attention; collate_varlen): one row, the examples'
@@ -91,6 +117,8 @@ class AnswerLoss(torch.nn.Module):
             if self._config is None or self._config._attn_implementation != PACKED_IMPL:
                 raise RuntimeError("a varlen-packed batch outside remix_ds.attention.packed_attention: its examples "
                                    "would attend to each other")
+            if self.penalties:
+                raise RuntimeError("a varlen-packed batch with penalties: their reference forwards take a mask")
             attention_mask, extra = None, {"packed_segments": segments}
         # ---
         if labels is not None and input_ids.shape[1] > 1:   # the last position predicts nothing trained
@@ -99,14 +127,11 @@ class AnswerLoss(torch.nn.Module):
                 attention_mask = attention_mask[..., :-1, :-1].contiguous()
             if position_ids is not None:
                 position_ids = position_ids[:, :-1]
-        if self._own_forward:   # "hidden" is then the logits themselves, and the head the identity
-            head = torch.nn.Identity()
-            hidden = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False, **extra).logits
-        else:
-            head = self._head
-            hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   use_cache=False, **extra).last_hidden_state
+        training = labels is not None and not predict and self.penalties and torch.is_grad_enabled()
+        if training:
+            for p in self.penalties:
+                p.begin()
+        hidden, head = self._run(None, input_ids, attention_mask, position_ids, **extra)
         if labels is None:
             return head(hidden)
         hidden = hidden[:, :labels.shape[1] - 1]   # [B, L-1, H] (a one-token batch: no position to train)
@@ -115,4 +140,22 @@ class AnswerLoss(torch.nn.Module):
         if answer_index is None:   # Engine.micro_step passes them computed on the host (no device sync)
             answer_index, answer_target = answer_positions(labels)
         logits = head(_answer_rows(hidden, answer_index))
-        return F.cross_entropy(logits.float(), answer_target, reduction="sum")
+        loss = F.cross_entropy(logits.float(), answer_target, reduction="sum")
+        if not training:
+            return loss
+        from .penalties import Forward
+
+        fwd = Forward(self, input_ids, attention_mask, position_ids, answer_index, logits)
+        return loss, {p.name: p.term(fwd) for p in self.penalties}
+
+
+def combine(loss_sum: torch.Tensor, terms: Dict[str, torch.Tensor], penalties: Sequence[Any], scale: float,
+            world: int) -> torch.Tensor:
+    """The micro-batch's loss to back-propagate: the answer cross-entropy sum times `scale` (which DeepSpeed's 1/gas
+    and the rank average turn into the global batch's mean per answer token), plus each penalty times its weight:
+    a per-token penalty scaled as the loss, a parameter penalty (one rank's slice) times the world size, once per
+    micro-batch (DeepSpeed's 1/gas and the rank average make it once per step, for the whole model)."""
+    total = loss_sum * scale
+    for p in penalties:
+        total = total + p.weight * terms[p.name] * (scale if p.per_token else world)
+    return total

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import dist, retention
-from .config import Recipe, Variant, stage_hash
+from .config import Recipe, Variant
 from .data import dataset_examples, is_factoid, stage_train_set
 from .zero import load_ds_config, offloads_params, resolve_precision
 from .files import read_json, write_json_atomic
@@ -15,8 +15,10 @@ from .errors import ConfigError
 from .evaluate import METRICS_VERSION, check_scorer, evaluate
 from .metrics import is_task_source
 from .model import is_adapter_dir
-from .stage import (batch_plan, checkpoint_layout, config_change, fingerprint, is_complete, latest_checkpoint,
-                    stage_output, read_done, stage_dir, train_stage)
+from .batching import batch_plan
+from .checkpoints import latest_checkpoint
+from .stage import train_stage
+from .stages import Stage
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +102,13 @@ def check_combination(spec, ds_cfg: Dict[str, Any], next_spec, where: str) -> No
                           f"stage is full fine-tuning; use merge: true")
 
 
-def eval_keys(recipe: Recipe, variant: Variant, k: int) -> List[str]:
+def eval_keys(stage: Stage) -> List[str]:
     """Datasets scored after stage k: every factoid dataset of stages 1..k, and GSM8K / MATH sets (scored
     by their final answer) even though they are not factoid."""
+    recipe = stage.recipe
     keys: List[str] = []
-    for j in range(1, k + 1):
-        key = variant.stages[j - 1].data
+    for j in range(1, stage.k + 1):
+        key = stage.variant.stages[j - 1].data
         if key not in keys and (is_factoid(recipe, key) or is_task_source(recipe.datasets[key].source)):
             keys.append(key)
     return keys
@@ -118,21 +121,19 @@ def _eval_is_current(prev: Optional[Dict[str, Any]], h: str, recipe: Recipe, sco
         and prev.get("requested_max_new_tokens") == recipe.eval.max_new_tokens
 
 
-def eval_after_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] = None,
-                     loader: Optional[retention.LazyModel] = None) -> Dict[str, Dict[str, Any]]:
+def eval_after_stage(stage: Stage, loader: Optional[retention.LazyModel] = None) -> Dict[str, Dict[str, Any]]:
     """Score every dataset of stages 1..k (see ``eval_keys``) on stage k's output model.
 
     ``eval.scorer``: ``generate`` (greedy generation, the study's metric; the default) or
     ``teacher-forced`` (one forward pass per batch, exact token match). Results are cached in
     ``stage<k>/eval/<key>.json`` and reused while the stage, the scorer and the eval settings are unchanged.
-    ``h``: the stage hash, if the caller has it; ``loader``: the stage's model, loaded once for every scorer.
+    ``loader``: the stage's model, loaded once for every scorer.
     """
-    d = stage_dir(recipe, variant, k) / "eval"
-    h = h or stage_hash(fingerprint(recipe, variant, k))
+    recipe, d, h = stage.recipe, stage.eval_dir, stage.hash
     scorer = check_scorer(getattr(recipe.eval, "scorer", "generate"))
     results: Dict[str, Dict[str, Any]] = {}
     todo = []
-    for key in eval_keys(recipe, variant, k):
+    for key in eval_keys(stage):
         prev = read_json(d / f"{key}.json")
         if _eval_is_current(prev, h, recipe, scorer):
             results[key] = prev
@@ -140,9 +141,9 @@ def eval_after_stage(recipe: Recipe, variant: Variant, k: int, h: Optional[str] 
             todo.append(key)
     todo = dist.broadcast_object(todo)
     if todo:
-        path, _ = stage_output(recipe, variant, k)
+        path, _ = stage.output()
         own = loader is None
-        loader = loader or retention.LazyModel(lambda: stage_output(recipe, variant, k), recipe)
+        loader = loader or retention.LazyModel(stage.output, recipe)
         model, tok = loader.get()
         for key in todo:
             metrics = evaluate(model, tok, dataset_examples(recipe, key), scorer=scorer,
@@ -167,31 +168,33 @@ def stored_results(recipe: Recipe, variant: Variant) -> Optional[List[Dict[str, 
     scorer = check_scorer(getattr(recipe.eval, "scorer", "generate"))
     results = []
     for k in range(1, recipe.num_stages + 1):
-        h = stage_hash(fingerprint(recipe, variant, k))
-        if not is_complete(recipe, variant, k, h):
+        stage = Stage(recipe, variant, k)
+        if not stage.is_complete():
             return None
         ev = {}
-        for key in eval_keys(recipe, variant, k):
-            prev = read_json(stage_dir(recipe, variant, k) / "eval" / f"{key}.json")
-            if not _eval_is_current(prev, h, recipe, scorer):
+        for key in eval_keys(stage):
+            prev = read_json(stage.eval_dir / f"{key}.json")
+            if not _eval_is_current(prev, stage.hash, recipe, scorer):
                 return None
             ev[key] = prev
-        res = {"summary": read_done(stage_dir(recipe, variant, k))["summary"], "eval": ev}
+        res = {"summary": stage.done()["summary"], "eval": ev}
         if retention.enabled(recipe):
-            res["retention"] = retention.stored_after_stage(recipe, variant, k, h)
+            res["retention"] = retention.stored_after_stage(stage)
         results.append(res)
     return results
 
 
-def identical_stage(recipe: Recipe, variant: Variant, k: int, h: str) -> Optional[Path]:
+def identical_stage(stage: Stage) -> Optional[Path]:
     """Another variant's complete stage k with this stage's fingerprint (the same stage and the same earlier
     stages, data and settings), if any: a grid whose variants share stage 1 (the paper's stage-2 grid: one D_A,
     eight D_B) trains it once."""
-    for other in recipe.variants:
-        if other.name == variant.name or len(other.stages) < k:
+    for other in stage.recipe.variants:
+        if other.name == stage.variant.name or len(other.stages) < stage.k:
             continue
-        if is_complete(recipe, other, k, h):   # its DONE.json has this hash and its output is there
-            return stage_dir(recipe, other, k)
+        there = stage.other(other)
+        done = there.done()   # its DONE.json has this hash and its output is there
+        if done and done.get("hash") == stage.hash and os.path.isdir(there.output_model()):
+            return there.dir
     return None
 
 
@@ -214,37 +217,36 @@ def reuse_stage(src: Path, dst: Path) -> None:
     shutil.copy2(src / "DONE.json", dst / "DONE.json")
 
 
-def run_stage(recipe: Recipe, variant: Variant, k: int, evaluate: bool = True) -> Dict[str, Any]:
-    """Train stage k of a variant unless its complete output exists, then evaluate it."""
-    if k > 1 and not dist.broadcast_object(is_complete(recipe, variant, k - 1)):
-        prev = stage_dir(recipe, variant, k - 1)
-        if read_done(prev):
-            raise ConfigError(f"variant {variant.name}: the output in {prev} was trained with another config "
-                              f"({config_change(recipe, variant, k - 1) or 'no record of it'}); give stage{k} "
-                              f"the same recipe and overrides as stage{k - 1}, or rerun stage{k - 1}")
-        raise ConfigError(f"variant {variant.name}: stage{k - 1} has no complete output in {prev}; "
-                          f"run stage{k - 1} first")
-    h = stage_hash(fingerprint(recipe, variant, k))   # once: the fingerprint loads the data of stages 1..k
-    if not dist.broadcast_object(is_complete(recipe, variant, k, h)):
-        donor = identical_stage(recipe, variant, k, h) if dist.is_main() else None
+def run_stage(stage: Stage, evaluate: bool = True) -> Dict[str, Any]:
+    """Train a stage unless its complete output exists, then evaluate it."""
+    prev, name = stage.previous, stage.variant.name
+    if prev is not None and not dist.broadcast_object(prev.is_complete()):
+        if prev.done():
+            raise ConfigError(f"variant {name}: the output in {prev.dir} was trained with another config "
+                              f"({prev.config_change() or 'no record of it'}); give stage{stage.k} the same recipe "
+                              f"and overrides as stage{prev.k}, or rerun stage{prev.k}")
+        raise ConfigError(f"variant {name}: stage{prev.k} has no complete output in {prev.dir}; run stage{prev.k} "
+                          f"first")
+    if not dist.broadcast_object(stage.is_complete()):
+        donor = identical_stage(stage) if dist.is_main() else None
         if dist.broadcast_object(donor is not None):
             if dist.is_main():
-                reuse_stage(donor, stage_dir(recipe, variant, k))
-                log.info("%s/stage%d: the same stage (same fingerprint) is complete in %s: reused, not retrained",
-                         variant.name, k, donor)
+                reuse_stage(donor, stage.dir)
+                log.info("%s: the same stage (same fingerprint) is complete in %s: reused, not retrained",
+                         stage.name, donor)
             dist.barrier()
-    if dist.broadcast_object(is_complete(recipe, variant, k, h)):
+    if dist.broadcast_object(stage.is_complete()):
         if dist.is_main():
-            log.info("%s/stage%d: complete output found, not retraining", variant.name, k)
-        summary = read_done(stage_dir(recipe, variant, k))["summary"]
+            log.info("%s: complete output found, not retraining", stage.name)
+        summary = stage.done()["summary"]
     else:
-        summary = train_stage(recipe, variant, k, h)
+        summary = train_stage(stage)
     result = {"summary": summary}
     if evaluate:
-        loader = retention.LazyModel(lambda: stage_output(recipe, variant, k), recipe)
-        result["eval"] = eval_after_stage(recipe, variant, k, h, loader)
-        if retention.enabled(recipe):
-            result["retention"] = retention.after_stage(recipe, variant, k, h, loader)
+        loader = retention.LazyModel(stage.output, stage.recipe)
+        result["eval"] = eval_after_stage(stage, loader)
+        if retention.enabled(stage.recipe):
+            result["retention"] = retention.after_stage(stage, loader)
         loader.close()
     return result
 
@@ -262,7 +264,7 @@ def spec_keys(variant: Variant) -> Dict[str, Any]:
     """Every training key of every stage, flattened (``stage1.lora.r``: 8): what tells two variants apart."""
     import dataclasses
 
-    from .stage import OPERATIONAL_KEYS
+    from .stages import OPERATIONAL_KEYS
 
     out: Dict[str, Any] = {}
 
@@ -395,24 +397,24 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
     for v in variants:
         upstream_changes = False
         for k in stages or range(1, recipe.num_stages + 1):
-            d = stage_dir(recipe, v, k)
-            h = stage_hash(fingerprint(recipe, v, k))
-            if is_complete(recipe, v, k, h) and not upstream_changes:
+            stage = Stage(recipe, v, k)
+            d, h = stage.dir, stage.hash
+            if stage.is_complete() and not upstream_changes:
                 action, why = "complete", "kept"
-                todo = [key for key in eval_keys(recipe, v, k)
+                todo = [key for key in eval_keys(stage)
                         if not _eval_is_current(read_json(d / "eval" / f"{key}.json"), h, recipe, scorer)]
-                todo += [x for x in ret_names if x not in retention.stored_after_stage(recipe, v, k, h)]
+                todo += [x for x in ret_names if x not in retention.stored_after_stage(stage)]
                 evaluation = "cached" if not todo else "to score: " + ", ".join(todo)
             else:
                 first_change = not upstream_changes   # the first stage of the variant to (re)train
                 upstream_changes = True
-                spec, tag = v.stages[k - 1], None
+                spec, tag = stage.spec, None
                 try:   # with the layout check of the run itself: a checkpoint it would refuse shows as such
                     if spec.resume == "auto":
-                        tag = latest_checkpoint(d / "checkpoints", h, checkpoint_layout(recipe, spec, dist.world_size()))
+                        tag = latest_checkpoint(stage.checkpoints, h, stage.checkpoint_layout(dist.world_size()))
                 except ConfigError as e:
                     tag = f"? ({e})"
-                donor = identical_stage(recipe, v, k, h) if first_change else None
+                donor = identical_stage(stage) if first_change else None
                 if donor is not None:
                     action, why = "reuse", f"the same stage is complete in {donor}"
                     upstream_changes = False
@@ -420,8 +422,8 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
                     action, why = "reuse", f"the same stage as {trained[(k, h)]}/stage{k}, trained before it"
                 elif tag:
                     action, why = "resume", f"from checkpoint {tag}"
-                elif read_done(d):
-                    change = config_change(recipe, v, k) or "no record of the earlier config"
+                elif stage.done():
+                    change = stage.config_change() or "no record of the earlier config"
                     if not first_change and change.startswith("the stage keys are the same"):
                         change = f"stage{k - 1} is (re)trained first"
                     action, why = "retrain", change
@@ -429,7 +431,7 @@ def plan(recipe: Recipe, variants: List[Variant], stages: Optional[List[int]] = 
                     action, why = "train", "no output yet"
                 if action != "reuse":
                     trained.setdefault((k, h), v.name)
-                evaluation = "to score: " + ", ".join(eval_keys(recipe, v, k) + ret_names)
+                evaluation = "to score: " + ", ".join(eval_keys(stage) + ret_names)
             rows.append({"variant": v.name, "stage": k, "action": action, "why": why, "evaluation": evaluation,
                          "dir": str(d)})
     return rows
@@ -466,7 +468,7 @@ def run_pipeline(recipe: Recipe, variant_names: Optional[List[str]] = None, stag
     base = retention.base_results(recipe) if retention.enabled(recipe) else None
     rows = {}
     for v in variants:
-        results = [run_stage(recipe, v, k) for k in stages]
+        results = [run_stage(Stage(recipe, v, k)) for k in stages]
         if stages == list(range(1, recipe.num_stages + 1)):
             rows[v.name] = variant_row(recipe, v, results, base)
     if shard:
@@ -523,7 +525,7 @@ def report_only(recipe: Recipe, variant_names: Optional[List[str]] = None) -> Di
                           f"{recipe.output_dir} (see --dry-run)")
     if missing:
         log.warning("left out of the report (not finished, or of another config): %s", ", ".join(missing))
-    cfg = read_json(stage_dir(recipe, recipe.variant(rows[0]["name"]), 1) / "config.json") or {}
+    cfg = read_json(Stage(recipe, recipe.variant(rows[0]["name"]), 1).dir / "config.json") or {}
     report = report_dict(recipe, rows, cfg.get("world_size", 1))
     write_report(report, recipe.output_dir)
     return report

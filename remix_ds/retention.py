@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import dist
-from .config import Recipe, Variant, stage_hash
+from .config import Recipe, stage_hash
 from .data.example import Example
 from .files import read_json
 from .errors import ConfigError
@@ -486,17 +486,14 @@ def stored_base(recipe: Recipe) -> Optional[Dict[str, Any]]:
     return {"retention": res, "eval": ev} if res or ev else None
 
 
-def after_stage(recipe: Recipe, variant: Variant, k: int, h: str, loader: LazyModel) -> Dict[str, Dict[str, Any]]:
-    """Every probe and text set on stage k's output model, cached in <stage dir>/retention/."""
-    from .stage import stage_dir
+def after_stage(stage, loader: LazyModel) -> Dict[str, Dict[str, Any]]:
+    """Every probe and text set on a stage's output model (``stages.Stage``), cached in <stage dir>/retention/."""
+    recipe = stage.recipe
+    return score_model(recipe, stage.dir / DIR, stage.hash, loader, probe_sets(recipe), text_sets(recipe))
 
-    return score_model(recipe, stage_dir(recipe, variant, k) / DIR, h, loader, probe_sets(recipe), text_sets(recipe))
 
-
-def stored_after_stage(recipe: Recipe, variant: Variant, k: int, h: str) -> Dict[str, Dict[str, Any]]:
-    from .stage import stage_dir
-
-    return stored(recipe, stage_dir(recipe, variant, k) / DIR, h)
+def stored_after_stage(stage) -> Dict[str, Dict[str, Any]]:
+    return stored(stage.recipe, stage.dir / DIR, stage.hash)
 
 
 # ------------------------------------------------------------------ the accuracy matrix

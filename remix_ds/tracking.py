@@ -2,7 +2,7 @@
 
 A stage's ``report_to: [tensorboard, wandb, mlflow]`` (``tensorboard: true`` is the same as naming tensorboard)
 opens one run per variant and stage, on rank 0 only, and logs every train_log row's numbers under the same tags
-(``train/loss``, ``train/lr``, ..., ``teacher_forced_accuracy/<dataset>``) at its optimizer step:
+(``train/loss``, ``train/lr``, ``train/penalty_<name>``, ..., ``teacher_forced_accuracy/<dataset>``) at its optimizer step:
 
 - **tensorboard**: event files in ``<stage dir>/tensorboard`` (a resume drops the events after its checkpoint);
 - **wandb**: a run named ``<variant>/stage<k>`` in the project ``$WANDB_PROJECT`` (default: the recipe's name),
@@ -51,7 +51,9 @@ def scalars(row: Dict[str, Any]) -> Dict[str, float]:
     """The numbers of one train_log.jsonl row under tracker tags (train/*, teacher_forced_accuracy/*)."""
     if "loss" in row:
         keys = ("loss", "lr", "epoch", "tokens_per_s", "padfree_tokens_per_s", "padding")
-        return {f"train/{key}": float(row[key]) for key in keys if row.get(key) is not None}
+        out = {f"train/{key}": float(row[key]) for key in keys if row.get(key) is not None}
+        out.update({f"train/penalty_{key}": float(v) for key, v in row.get("penalties", {}).items()})
+        return out
     return {f"teacher_forced_accuracy/{key}": float(v) for key, v in row.get("teacher_forced_accuracy", {}).items()}
 
 

@@ -52,13 +52,13 @@ def run_dir(tiny_dir, tmp_path_factory):
         (out / "stacked" / f"stage{k}").mkdir(parents=True)
         os.symlink(out / "lora" / f"stage{k}" / "adapter", out / "stacked" / f"stage{k}" / "adapter")
     from remix_ds.config import stage_hash
-    from remix_ds.stage import fingerprint, stage_dir
+    from remix_ds.stages import Stage
 
     for v in recipe.variants:   # complete outputs of the recipe's config (absent has none)
         for k in (1, 2):
             if v.name != "absent":
-                done = {"hash": stage_hash(fingerprint(recipe, v, k)), "summary": {}}
-                (stage_dir(recipe, v, k) / "DONE.json").write_text(json.dumps(done))
+                done = {"hash": stage_hash(Stage(recipe, v, k).fingerprint), "summary": {}}
+                (Stage(recipe, v, k).dir / "DONE.json").write_text(json.dumps(done))
     return recipe
 
 

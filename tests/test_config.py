@@ -137,12 +137,12 @@ def test_fingerprint_ignores_logging_keys_only(tmp_path):
     """Logging and checkpoint keys neither retrain a complete stage nor block a resume; training keys do,
     in this stage and in every later one."""
     from remix_ds.config import stage_hash
-    from remix_ds.stage import OPERATIONAL_KEYS, fingerprint
+    from remix_ds.stages import OPERATIONAL_KEYS, Stage
 
     def hashes(overrides):
         p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
         r = load_recipe(str(p), overrides)
-        return [stage_hash(fingerprint(r, r.variants[0], k)) for k in (1, 2)]
+        return [stage_hash(Stage(r, r.variants[0], k).fingerprint) for k in (1, 2)]
 
     ref = hashes([])
     logging_only = ["stage1.log_every=3", "stage1.save_every=4", "stage1.keep_checkpoints=5",
@@ -159,7 +159,7 @@ def test_fingerprint_ignores_logging_keys_only(tmp_path):
 def test_packing_is_true_false_or_auto_and_auto_pads_on_cuda_devices(tmp_path):
     import torch
 
-    from remix_ds.stage import packs
+    from remix_ds.batching import packs
 
     p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
     assert load_recipe(str(p)).variants[0].stages[0].packing == "auto"
@@ -174,17 +174,18 @@ def test_packing_is_true_false_or_auto_and_auto_pads_on_cuda_devices(tmp_path):
 
 def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     from remix_ds.stage import train_stage
+    from remix_ds.stages import Stage
 
     p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
     r = load_recipe(str(p), ["stage1.tensorboard=true"])
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import fails as if not installed
     with pytest.raises(ConfigError, match="report_to: tensorboard needs the tensorboard package"):
-        train_stage(r, r.variants[0], 1)
+        train_stage(Stage(r, r.variants[0], 1))
     assert not (tmp_path / "run").exists()                     # refused before anything was written
 
 
 def test_batch_plan_messages_name_what_was_chosen():
-    from remix_ds.stage import batch_plan
+    from remix_ds.batching import batch_plan
 
     assert batch_plan(2, 32, None) == (16, 1) and batch_plan(2, 32, 4) == (4, 4)
     with pytest.raises(ConfigError, match="global_batch_size 4 is not a multiple of the world size 8"):
@@ -245,7 +246,7 @@ def test_fingerprint_follows_the_data_not_only_its_path(tmp_path):
     import json as _json
 
     from remix_ds.config import stage_hash
-    from remix_ds.stage import fingerprint
+    from remix_ds.stages import Stage
 
     f = tmp_path / "facts.jsonl"
 
@@ -254,7 +255,7 @@ def test_fingerprint_follows_the_data_not_only_its_path(tmp_path):
                              for i in range(10)))
         p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
         r = load_recipe(str(p), [f"datasets.A={{source: json, path: {f}}}"])
-        return [stage_hash(fingerprint(r, r.variants[0], k)) for k in (1, 2)]
+        return [stage_hash(Stage(r, r.variants[0], k).fingerprint) for k in (1, 2)]
 
     ref = hashes("a3")
     assert hashes("a3") == ref                     # the same contents: the same stages
@@ -295,16 +296,16 @@ def test_dry_run_plan_checks_a_checkpoint_as_the_run_would(tmp_path):
 
     from remix_ds.config import stage_hash
     from remix_ds.pipeline import plan
-    from remix_ds.stage import checkpoint_layout, fingerprint, stage_dir
+    from remix_ds.stages import Stage
 
     p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
     r = load_recipe(str(p))
     v = r.variants[0]
-    layout = checkpoint_layout(r, v.stages[0], 1)
+    layout = Stage(r, v, 1).checkpoint_layout(1)
     assert layout["world_size"] == 1 and layout["zero_stage"] in (0, 1, 2, 3)
-    ckpt = stage_dir(r, v, 1) / "checkpoints" / "step4"
+    ckpt = Stage(r, v, 1).dir / "checkpoints" / "step4"
     ckpt.mkdir(parents=True)
-    marker = {"step": 4, "hash": stage_hash(fingerprint(r, v, 1)), **layout}
+    marker = {"step": 4, "hash": stage_hash(Stage(r, v, 1).fingerprint), **layout}
     (ckpt / "COMPLETE.json").write_text(json.dumps(marker))
     row = plan(r, [v], [1])[0]
     assert (row["action"], row["why"]) == ("resume", "from checkpoint step4")
@@ -415,16 +416,25 @@ def test_a_cached_hub_model_passes_the_check_offline(tmp_path, monkeypatch):
         check_hub_model("org/other")
 
 
+# StageSpec's keys in the release of 2026-12-02 (a record of its schema, written out here)
+STAGE_KEYS_2026_12_02 = {"data", "finetune", "lora", "mix", "stop", "epochs", "lr", "weight_decay", "betas", "warmup_ratio",
+                         "grad_clip", "global_batch_size", "micro_batch_size", "ds_config", "merge", "loss_threshold",
+                         "loss_patience", "log_every", "save_dtype", "gradient_checkpointing", "adapt_zero", "packing",
+                         "save_every", "keep_checkpoints", "checkpoint_minutes", "resume", "track", "probe",
+                         "tensorboard", "report_to"}
+
+
 def _fingerprint_before_stable_keys(recipe, variant, k):
     """The stage fingerprint as the release of 2026-12-02 computed it (dataclasses.asdict of every spec)."""
     import dataclasses
 
     from remix_ds.data import stage_train_set
     from remix_ds.zero import load_ds_config
-    from remix_ds.stage import OPERATIONAL_KEYS, examples_digest
+    from remix_ds.stages import OPERATIONAL_KEYS, examples_digest
 
     spec = variant.stages[k - 1]
-    stage = {key: v for key, v in dataclasses.asdict(spec).items() if key not in OPERATIONAL_KEYS}
+    stage = {key: v for key, v in dataclasses.asdict(spec).items()
+             if key not in OPERATIONAL_KEYS and key in STAGE_KEYS_2026_12_02}
     stage["packing"] = True
     fp = {"stage": stage, "examples": examples_digest(stage_train_set(recipe, spec, k)[1]),
           "data": dataclasses.asdict(recipe.datasets[spec.data]), "seed": recipe.seed, "precision": recipe.precision,
@@ -444,12 +454,12 @@ def test_a_stage_key_added_at_its_default_keeps_every_finished_stage(tmp_path, t
     import dataclasses
 
     from remix_ds.config import DEMO_RECIPE, StageSpec, stage_hash
-    from remix_ds.stage import fingerprint
+    from remix_ds.stages import Stage
 
     demo = load_recipe(str(DEMO_RECIPE), [f"output_dir={tmp_path / 'demo'}"])
     for v in demo.variants:
         for k in (1, 2):
-            assert stage_hash(fingerprint(demo, v, k)) == stage_hash(_fingerprint_before_stable_keys(demo, v, k))
+            assert stage_hash(Stage(demo, v, k).fingerprint) == stage_hash(_fingerprint_before_stable_keys(demo, v, k))
 
     @dataclasses.dataclass
     class StageSpecNext(StageSpec):   # a later release's schema, with one more training key
@@ -460,9 +470,9 @@ def test_a_stage_key_added_at_its_default_keeps_every_finished_stage(tmp_path, t
         return StageSpecNext(**{**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}, **kw})
 
     v = demo.variants[0]
-    before = [stage_hash(fingerprint(demo, v, k)) for k in (1, 2)]
+    before = [stage_hash(Stage(demo, v, k).fingerprint) for k in (1, 2)]
     v.stages = [with_new(s) for s in v.stages]
-    assert [stage_hash(fingerprint(demo, v, k)) for k in (1, 2)] == before
+    assert [stage_hash(Stage(demo, v, k).fingerprint) for k in (1, 2)] == before
     v.stages[1] = with_new(v.stages[1], new_regularizer="kl", new_weight=0.1)
-    after = [stage_hash(fingerprint(demo, v, k)) for k in (1, 2)]
+    after = [stage_hash(Stage(demo, v, k).fingerprint) for k in (1, 2)]
     assert after[0] == before[0] and after[1] != before[1]

@@ -127,7 +127,7 @@ def test_collate_packed_falls_back_to_padding_when_packing_saves_nothing():
 
 
 def test_packed_micro_batches_are_balanced_by_tokens():
-    from remix_ds.stage import split_global_batch
+    from remix_ds.batching import split_global_batch
 
     batch = _fake([28] * 24 + [110] * 8)
     slots = split_global_batch(batch, 4, by_tokens=True)
@@ -156,7 +156,7 @@ class _FakeEngine:
 
 
 def test_global_step_counts_the_token_positions_it_runs():
-    from remix_ds.stage import TokenCount, global_step, throughput
+    from remix_ds.batching import TokenCount, global_step, throughput
 
     chunk = _fake([28] * 12 + [110] * 4)
     real = sum(len(e.input_ids) for e in chunk)
@@ -223,7 +223,7 @@ def test_gpu_batch_widths_round_to_a_multiple_of_8_without_changing_the_loss(tin
     from remix_ds.data.formatting import train_width
     from remix_ds.objective import AnswerLoss
     from remix_ds.model import load_tokenizer
-    from remix_ds.stage import WIDTH_MULTIPLE_CUDA
+    from remix_ds.batching import WIDTH_MULTIPLE_CUDA
 
     assert WIDTH_MULTIPLE_CUDA == 8
     assert [train_width(w, 8) for w in (1, 8, 9, 17, 63, 64, 65)] == [8, 8, 16, 24, 64, 64, 72]
@@ -398,7 +398,7 @@ def test_stage_step_with_varlen_packing_trains_as_padding(tiny_dir, one_process_
     from remix_ds.config import LoraSpec
     from remix_ds.engine import Engine
     from remix_ds.model import load_for_training, load_tokenizer
-    from remix_ds.stage import TokenCount, global_step
+    from remix_ds.batching import TokenCount, global_step
     from remix_ds.zero import resolve_ds_config
 
     tok = load_tokenizer(tiny_dir)

@@ -150,19 +150,21 @@ def test_dropped_examples_are_flagged(tmp_path):
 
 def test_eval_keys_include_gsm8k_and_math_as_d_b(tmp_path):
     from remix_ds.pipeline import eval_keys
+    from remix_ds.stages import Stage
 
     for src in ("gsm8k", "math"):
         r = recipe_from_dict({"name": "t", "output_dir": str(tmp_path), "model": "tiny",
                               "datasets": {"A": {"source": "kvr"}, "G": {"source": src}, "U": {"source": "ultrachat"}},
                               "stage1": {"data": "A"}, "stage2": {"data": "G"}, "stage3": {"data": "U"}})
         v = r.variants[0]
-        assert eval_keys(r, v, 1) == ["A"]
-        assert eval_keys(r, v, 3) == ["A", "G"]  # not the conversation set: it has no answer to score
+        assert eval_keys(Stage(r, v, 1)) == ["A"]
+        assert eval_keys(Stage(r, v, 3)) == ["A", "G"]  # not the conversation set: it has no answer to score
 
 
 def test_eval_after_stage_scorer_option_and_cache(tmp_path, tiny_dir):
     """eval.scorer=teacher-forced scores every dataset of stages 1..k; results are cached per scorer."""
     from remix_ds.pipeline import eval_after_stage
+    from remix_ds.stages import Stage
 
     for k in (1, 2):
         d = tmp_path / "full" / f"stage{k}"
@@ -170,22 +172,22 @@ def test_eval_after_stage_scorer_option_and_cache(tmp_path, tiny_dir):
         os.symlink(tiny_dir, d / "model")
     r = _recipe(tmp_path, eval={"batch_size": 8, "scorer": "teacher-forced"})
     v = r.variant("full")
-    res = eval_after_stage(r, v, 2)
+    res = eval_after_stage(Stage(r, v, 2))
     assert set(res) == {"A", "B"}
     assert all(m["scorer"] == "teacher-forced" and m["n"] == 12 for m in res.values())
     ev = tmp_path / "full" / "stage2" / "eval"
     assert (ev / "A.predictions.jsonl").is_file() and (ev / "B.json").is_file()
     mtime = os.path.getmtime(ev / "A.json")
-    assert eval_after_stage(r, v, 2)["A"]["seconds"] == res["A"]["seconds"]  # reused
+    assert eval_after_stage(Stage(r, v, 2))["A"]["seconds"] == res["A"]["seconds"]  # reused
     assert os.path.getmtime(ev / "A.json") == mtime
     r.eval.scorer = "generate"
-    gen = eval_after_stage(r, v, 2)
+    gen = eval_after_stage(Stage(r, v, 2))
     assert gen["A"]["scorer"] == "generate" and gen["A"]["accuracy"] == res["A"]["accuracy"]
     assert "rouge_l" in gen["A"]
     r.eval.scorer = "beam"
     from remix_ds.errors import ConfigError
     with pytest.raises(ConfigError, match="eval.scorer"):
-        eval_after_stage(r, v, 1)
+        eval_after_stage(Stage(r, v, 1))
 
 
 def test_pipeline_writes_the_report_and_the_figure(tmp_path, tiny_dir):

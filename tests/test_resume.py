@@ -88,7 +88,7 @@ def test_a_checkpoint_of_another_world_size_is_a_clear_error(tmp_path):
     import pytest
 
     from remix_ds.errors import ConfigError
-    from remix_ds.stage import latest_checkpoint
+    from remix_ds.checkpoints import latest_checkpoint
 
     def marker(tag, **info):
         (tmp_path / tag).mkdir()

@@ -126,7 +126,7 @@ def test_retention_key_is_evaluation_only(tmp_path):
     from remix_ds.config import stage_hash
     from remix_ds.errors import ConfigError
     from remix_ds.retention import check_retention, probe_defs
-    from remix_ds.stage import fingerprint
+    from remix_ds.stages import Stage
 
     raw = {"name": "t", "output_dir": str(tmp_path), "model": "tiny",
            "datasets": {"A": {"source": "kvr", "num_examples": 5}, "B": {"source": "kvrB", "num_examples": 5},
@@ -136,7 +136,7 @@ def test_retention_key_is_evaluation_only(tmp_path):
     ret = recipe_from_dict({**raw, "retention": {"probes": ["P", {"data": "A", "known": False}], "text": "none"}})
     assert plain.retention is None and probe_defs(plain) == []
     for k in (1, 2):
-        assert stage_hash(fingerprint(plain, plain.variants[0], k)) == stage_hash(fingerprint(ret, ret.variants[0], k))
+        assert stage_hash(Stage(plain, plain.variants[0], k).fingerprint) == stage_hash(Stage(ret, ret.variants[0], k).fingerprint)
     assert [(p.name, p.data, p.known) for p in probe_defs(ret)] == [("known-P", "P", True), ("A", "A", False)]
     auto = recipe_from_dict({**raw, "retention": {}})
     assert [(p.name, p.data, p.pool) for p in probe_defs(auto)] == [("known-A", "A", True)]

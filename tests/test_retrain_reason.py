@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from remix_ds.config import recipe_from_dict
-from remix_ds.stage import config_change, recipe_settings, stage_dir
+from remix_ds.stages import Stage
 
 RECIPE = """
 name: t
@@ -27,10 +27,10 @@ def recorded(tmp_path, k=1):
     """A stage directory whose config.json records the recipe as it was (what run_stage writes)."""
     r = recipe_from_dict(yaml.safe_load(RECIPE.format(out=tmp_path / "run")))
     v = r.variants[0]
-    d = stage_dir(r, v, k)
+    d = Stage(r, v, k).dir
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"variant": "v", "stage": k, "spec": dataclasses.asdict(v.stages[k - 1]),
-                                               "recipe": recipe_settings(r, v, k)}, default=str))
+                                               "recipe": Stage(r, v, k).settings()}, default=str))
     return yaml.safe_load(RECIPE.format(out=tmp_path / "run"))
 
 
@@ -47,7 +47,7 @@ def test_retrain_reason_names_the_changed_recipe_setting(tmp_path, change, expec
     raw = recorded(tmp_path)
     change(raw)
     r = recipe_from_dict(raw)
-    assert config_change(r, r.variants[0], 1).startswith(expected)
+    assert Stage(r, r.variants[0], 1).config_change().startswith(expected)
 
 
 def test_retrain_reason_names_stage_and_recipe_changes_together_and_ignores_unused_datasets(tmp_path):
@@ -56,5 +56,5 @@ def test_retrain_reason_names_stage_and_recipe_changes_together_and_ignores_unus
     raw["precision"] = "bf16"
     raw["datasets"]["B"]["num_examples"] = 30     # stage 1 does not train on B
     r = recipe_from_dict(raw)
-    assert config_change(r, r.variants[0], 1) == ("changed stage keys: epochs 1 -> 2; changed recipe settings: "
+    assert Stage(r, r.variants[0], 1).config_change() == ("changed stage keys: epochs 1 -> 2; changed recipe settings: "
                                                   "precision 'fp32' -> 'bf16'")

@@ -782,7 +782,7 @@ def _gsm8k_with_long_rows(tmp_path):
 def test_overlong_drop_takes_num_examples_that_fit_and_evaluation_scores_them(tmp_path, tiny_dir):
     from remix_ds.data import fitting_examples, recipe_tokenizer
     from remix_ds.data.formatting import encoded_length
-    from remix_ds.stage import fingerprint
+    from remix_ds.stages import Stage
 
     path = _gsm8k_with_long_rows(tmp_path)          # 6 solutions of 185 tokens (tiny tokenizer), 4 far longer
     spec = {"source": "gsm8k", "path": path, "num_examples": 5}
@@ -811,7 +811,7 @@ def test_overlong_drop_takes_num_examples_that_fit_and_evaluation_scores_them(tm
     data, train = stage_train_set(drop, drop.variants[0].stages[0], 1)
     assert data == kept and len(train) == 5 + int(5 * 0.4)
     # the rule is part of the stage fingerprint (the dataset spec and the examples digest)
-    fa, fb = fingerprint(trunc, trunc.variants[0], 1), fingerprint(drop, drop.variants[0], 1)
+    fa, fb = Stage(trunc, trunc.variants[0], 1).fingerprint, Stage(drop, drop.variants[0], 1).fingerprint
     assert fa["data"]["overlong"] == "truncate" and fb["data"]["overlong"] == "drop"
     assert fa["examples"] != fb["examples"]
     # fewer fitting examples than num_examples: all of them, with a warning

@@ -139,7 +139,7 @@ def test_the_switch_leaves_remix_fingerprints_alone(tmp_path, tiny_dir):
     """A recipe without the switch hashes as before it existed (no finished stage is retrained); the switch
     changes every stage's hash."""
     from remix_ds.config import stage_hash
-    from remix_ds.stage import fingerprint
+    from remix_ds.stages import Stage
 
     text = """name: f
 output_dir: {out}
@@ -152,10 +152,10 @@ stage1: {{data: A}}
 stage2: {{data: B}}
 """
     remix = _recipe(tmp_path, text.format(out=tmp_path / "o"))
-    fp = fingerprint(remix, remix.variants[0], 2)
+    fp = Stage(remix, remix.variants[0], 2).fingerprint
     assert "semantics" not in json.dumps(fp)
     study = _recipe(tmp_path, text.format(out=tmp_path / "o") + "semantics: study\nstudy_except: [defaults]\n")
-    assert stage_hash(fingerprint(study, study.variants[0], 1)) != stage_hash(fingerprint(remix, remix.variants[0], 1))
+    assert stage_hash(Stage(study, study.variants[0], 1).fingerprint) != stage_hash(Stage(remix, remix.variants[0], 1).fingerprint)
 
 
 # ------------------------------------------------------------------ a whole stage against the study's loop
