@@ -9,22 +9,28 @@
 # Nothing is downloaded: the Llama-3.2-1B and Llama-3-8B shapes get random bf16 weights written locally
 # (about 2.5 GB and 16 GB under $REMIX_DS_CACHE) with the tiny model's locally trained tokenizer.
 #
-# Runs (batch 64 x 64 tokens, bf16, 3 warm-up + 10 timed steps per case; the plain loop of each mode is
-# timed in the same process, right before the DeepSpeed configs it is compared with; every DeepSpeed case runs
-# as a stage would: on one GPU ZeRO-3 runs as ZeRO-2, and LoRA/QLoRA from zero2 run without ZeRO under autocast):
-#   1. llama-1b: full fine-tuning, plain vs ZeRO-2 vs ZeRO-3; padding comparison (naive padded batching vs the
+# Runs (core cases: batch 64 x 64 tokens, bf16, 3 warm-up + 10 timed steps per case; the plain loop of each mode
+# is timed in the same process, right before the DeepSpeed configs it is compared with; every DeepSpeed case runs
+# as a stage would: on one GPU ZeRO-3 runs as ZeRO-2 (so full:zero3 is left out: BENCH_ZERO3=1 adds it), and
+# LoRA/QLoRA from zero2 run without ZeRO under autocast). Each part also runs the study-shape case of its mode
+# (study:MODE, remix_ds/bench.py run_study): D_A factoids alone and mixed 1:2 with random-word passages at global
+# batch 32, seconds per D_A epoch of the plain loop (pad-to-longest) and of the stage's path packed (torch's
+# varlen_attn where the probe passes, else sdpa_groups), padded and packed with the 4-D mask, in the same process;
+# the tiny tokenizer, passages sized to the study's 130-200 Llama-3 tokens (BENCH_STUDY=0 leaves them out):
+#   1. llama-1b: full fine-tuning, plain vs ZeRO-2; padding comparison (naive padded batching vs the
 #      stage's packing, then pad-to-longest and packing again with cuDNN attention excluded from SDPA, in the
 #      same process: torch puts cuDNN first on sm90/sm100 with cuDNN >= 9.15, and cuDNN builds an execution graph
-#      per attention shape, which packed batches change every step; docs/benchmarks.md)
-#   2. llama-8b: generation vs teacher-forced scoring; LoRA r=16 on all linear layers, plain vs zero2
-#   3. llama-8b QLoRA (NF4) r=16, plain vs zero2 (skipped with BENCH_QLORA=0, or when bitsandbytes is missing)
+#      per attention shape, which packed batches change every step; docs/benchmarks.md); study:full
+#   2. llama-8b: generation vs teacher-forced scoring; LoRA r=16 on all linear layers, plain vs zero2; study:lora
+#   3. llama-8b QLoRA (NF4) r=16, plain vs zero2; study:qlora (skipped with BENCH_QLORA=0, or when bitsandbytes
+#      is missing)
 #   3a. llama-1b padding comparison on a 1 passage : 4 factoids mix (BENCH_PADDING_MINORITY=0 leaves it out)
 #   3b. only with BENCH_CUDNN_OFF=1: the llama-1b padding comparison again in a process started with cuDNN
 #      attention deprioritized (TORCH_CUDNN_SDPA_DEPRIORITIZED=1), a second check of part 1's no-cuDNN cases
 #   4. only with BENCH_AS_WRITTEN=1: llama-8b LoRA with zero2 as written (DeepSpeed bf16 ZeRO-2), to compare
-# Expected: about 5 to 6 minutes on one H100/H200 (much of it writing and loading the 8B weights). Each part has
-# its own time limit (170 s, 270 s, 150 s: the first three fit one 600 s device call; then 100 s, 120 s, 180 s), so that a hang
-# cannot lose the other parts' results.
+# Expected: about 6 to 8 minutes on one H100/H200 (much of it writing and loading the 8B weights; not yet timed
+# with the study cases). Each part has its own time limit (190 s, 250 s, 150 s: the first three fit one 600 s
+# device call; then 100 s, 120 s, 180 s), so that a hang cannot lose the other parts' results.
 #
 # Results: JSON lines appended to $OUT/bench.jsonl when OUT is set (else runs/bench.jsonl), the console log
 # beside them (bench_gpu.log), and torch.profiler operator tables of 2 more steps of each training case and of
@@ -79,16 +85,19 @@ run() {  # run LIMIT_SECONDS ARGS...: one bench process under its own time limit
     return 0
 }
 
-CASES_1B="full:zero2,full:zero3,padding"
-[ "${BENCH_OFFLOAD:-0}" = 1 ] && CASES_1B="full:zero2,full:zero3,full:zero2_offload,padding"
+STUDY() { [ "${BENCH_STUDY:-1}" = 1 ] && echo ",study:$1"; }
+CASES_1B="full:zero2"
+[ "${BENCH_ZERO3:-0}" = 1 ] && CASES_1B="$CASES_1B,full:zero3"
+[ "${BENCH_OFFLOAD:-0}" = 1 ] && CASES_1B="$CASES_1B,full:zero2_offload"
+CASES_1B="$CASES_1B,padding$(STUDY full)"
 PADDING=(--padding-mode full --padding-config zero2 --padding-words "${BENCH_PADDING_WORDS:-8}" --padding-mix-ratio "${BENCH_PADDING_MIX_RATIO:-1}")
-run 170 --shape llama-1b --cases "$CASES_1B" "${PADDING[@]}" --profile "${BENCH_PROFILE:-2}"
-CASES_8B="eval,lora:zero2"
-[ "${BENCH_EVAL:-1}" = 0 ] && CASES_8B="lora:zero2"
-run 270 --shape llama-8b --cases "$CASES_8B" --profile "${BENCH_PROFILE:-2}"
+run 190 --shape llama-1b --cases "$CASES_1B" "${PADDING[@]}" --profile "${BENCH_PROFILE:-2}"
+CASES_8B="eval,lora:zero2$(STUDY lora)"
+[ "${BENCH_EVAL:-1}" = 0 ] && CASES_8B="lora:zero2$(STUDY lora)"
+run 250 --shape llama-8b --cases "$CASES_8B" --profile "${BENCH_PROFILE:-2}"
 if [ "${BENCH_QLORA:-1}" = 1 ]; then
     if "$PY" -c "import bitsandbytes" 2>/dev/null; then
-        run 150 --shape llama-8b --cases qlora:zero2
+        run 150 --shape llama-8b --cases "qlora:zero2$(STUDY qlora)"
     else
         echo "== QLoRA skipped: bitsandbytes is not importable (add its wheel to .whl/)"
     fi

@@ -10,8 +10,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import dist, study
-from .data.formatting import Encoded, collate, collate_packed
+from . import study
+from .data.formatting import Encoded, collate, collate_packed, collate_varlen
 from .engine import Engine
 from .errors import ConfigError
 
@@ -19,11 +19,9 @@ WIDTH_MULTIPLE_CUDA = 8
 
 
 def packs(packing, device: Optional[torch.device] = None) -> bool:
-    """A stage's ``packing`` setting on this device: auto packs on CPU and pads on CUDA devices (one H100 run
-    measured packed micro-batches slower there than padded ones: docs/benchmarks.md)."""
-    if packing == "auto":
-        return (device if device is not None else dist.device()).type != "cuda"
-    return bool(packing)
+    """Whether a stage's ``packing`` setting may pack: true and auto (which then measures, once the engine is built:
+    ``remix_ds.attention.choose_packing``); false pads."""
+    return packing == "auto" or bool(packing)
 
 
 def batch_plan(world: int, global_batch_size: int, micro_batch_size: Optional[int]):
@@ -86,6 +84,27 @@ def throughput(real: int, ran: float, seconds: float) -> Dict[str, Any]:
             "padding": round(max(0.0, 1.0 - real / ran), 4)}
 
 
+def batch_maker(eng: Engine, pad: int, pack: int = 0) -> Callable[[List[Encoded]], Dict[str, torch.Tensor]]:
+    """How global_step collates a micro-batch: padded, or with `pack` > 0 packed, into one row with sequence
+    boundaries where the engine's model takes them (``collate_varlen``, ``remix_ds.attention``), else into rows of at
+    most `pack` tokens with a 4-D mask (``collate_packed``)."""
+    # on a GPU, batch widths round up to a multiple of 8 (formatting.train_width): fewer distinct shapes
+    multiple = WIDTH_MULTIPLE_CUDA if eng.device.type == "cuda" else 1
+    if not pack:
+        return lambda mb: collate(mb, pad, multiple=multiple)
+    if getattr(eng, "packed_varlen", False):
+        return lambda mb: collate_varlen(mb, pad, multiple)
+    return lambda mb: collate_packed(mb, pad, pack, multiple)
+
+
+def global_step_batches(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: int, pad: int,
+                        pack: int = 0) -> List[Dict[str, torch.Tensor]]:
+    """The micro-batches global_step would run on this rank for `chunk` (its non-empty ones)."""
+    make = batch_maker(eng, pad, pack)
+    slots = split_global_batch(chunk, world * gas, by_tokens=bool(pack))
+    return [make(slots[a * world + rank]) for a in range(gas) if slots[a * world + rank]]
+
+
 def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: int, pad: int,
                 pack: int = 0, count: Optional[TokenCount] = None,
                 collate_fn: Optional[Callable[[List[Encoded]], Dict[str, torch.Tensor]]] = None,
@@ -100,10 +119,7 @@ def global_step(eng: Engine, chunk: List[Encoded], world: int, gas: int, rank: i
     `collate_fn` / `labelled` replace the padded collation and the count of an example's trained positions (the
     study's EOS-labelled padding with remix_ds's order: ``study_except: [order]``).
     """
-    # on a GPU, batch widths round up to a multiple of 8 (formatting.train_width): fewer distinct shapes
-    multiple = WIDTH_MULTIPLE_CUDA if eng.device.type == "cuda" else 1
-    make = (lambda mb: collate_packed(mb, pad, pack, multiple)) if pack else (lambda mb: collate(mb, pad, multiple=multiple))
-    make = collate_fn or make
+    make = collate_fn or batch_maker(eng, pad, pack)
     n_tok = sum(labelled(e) for e in chunk) if labelled else sum(e.num_answer_tokens for e in chunk)
     slots = split_global_batch(chunk, world * gas, by_tokens=bool(pack))
     scale = world * gas / n_tok

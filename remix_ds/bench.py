@@ -583,6 +583,58 @@ def speed(r: Dict[str, Any], key: str = "tokens_per_s") -> float:
     return r.get(f"{key}_median") or r[key]
 
 
+# ------------------------------------------------------------------ the study's workload
+
+STUDY_BATCH = 32             # the study's global batch (16 per GPU on 2 GPUs)
+STUDY_FACTOIDS = 2000        # D_A: one epoch is 2,000 factoids, or 6,000 examples with mixing at ratio 2
+STUDY_MIX_RATIO = 2.0
+STUDY_PASSAGE_TOKENS = 165   # 50 + 50 random words are about 130-200 Llama-3 tokens with the chat template
+STUDY_MODES = {"tiny": "full,lora,qlora", "llama-1b": "full", "llama-8b": "lora,qlora"}
+# targets, as ratios in one run: remix_ds's time per D_A epoch over the plain loop's (at most), and on the 1:2 mix
+# packed padding-free tokens/s over pad-to-longest's on the same engine (at least)
+STUDY_EPOCH_TARGET = 1.0
+STUDY_EPOCH_AIM = 0.7
+STUDY_PACKING_TARGET = 1.3
+
+
+def passage_words_for(tok, tokens: int, seed: int = 0, probe: int = 24) -> Tuple[int, float]:
+    """Words per half (prompt, target) of a random-word passage whose encoding by `tok` is closest to `tokens`
+    on average, and that average: the study's 50 + 50 words in Llama-3 tokens, in another tokenizer's."""
+    from .data.formatting import encode_example
+    from .data.mixing import random_word_examples
+
+    best = (1, float("inf"))
+    for w in range(1, 51):
+        exs = random_word_examples(probe, seed, prompt_words=w, target_words=w)
+        mean = sum(len(encode_example(tok, e).input_ids) for e in exs) / probe
+        if abs(mean - tokens) < abs(best[1] - tokens):
+            best = (w, mean)
+        if mean > tokens:
+            break
+    return best
+
+
+class RemixVariant(TrainCase):
+    """A RemixCase's engine stepped by stage.global_step with other batching: `pack` (0: padded micro-batches,
+    grouped by length as the stage pads), and `varlen` (False: packed rows with the 4-D block-diagonal mask).
+    Counts its own tokens, so that it can be timed interleaved with the case it wraps."""
+
+    def __init__(self, inner: "RemixCase", pack: int, varlen: bool):
+        self.inner, self.pack, self.varlen = inner, pack, varlen
+
+    def step(self, chunk) -> torch.Tensor:
+        eng = self.inner.eng
+        saved, before = (self.inner.pack, eng.packed_varlen), self.inner.processed_tokens
+        self.inner.pack, eng.packed_varlen = self.pack, self.varlen and saved[1]
+        try:
+            loss = self.inner.step(chunk)
+        finally:
+            self.inner.pack, eng.packed_varlen = saved
+        self.processed_tokens += self.inner.processed_tokens - before
+        self.inner.processed_tokens = before
+        return loss
+
+
 # ------------------------------------------------------------------ the benchmark
 
 class Bench:
@@ -648,6 +700,12 @@ class Bench:
             print(f"[bench] {r['bench']:8s} {r['case']:24s} {speed(r):>10,.0f} tok/s "
                   f"{speed(r, 'padfree_tokens_per_s'):>10,.0f} pad-free tok/s {self._step_ms(r):>9.1f} ms/step "
                   f"peak {r['peak_mem_gib']:.2f} GiB{extra}", flush=True)
+        elif r["bench"] == "study":
+            extra = "".join(f"  {k.replace('ratio_', '')} x{r[k]:.3f}" for k in
+                            ("ratio_epoch_time_vs_plain", "ratio_padfree_vs_plain", "ratio_padfree_vs_padded") if k in r)
+            print(f"[bench] study    {r['case']:34s} {r['seconds_per_epoch']:>9.2f} s/epoch "
+                  f"{speed(r, 'padfree_tokens_per_s'):>10,.0f} pad-free tok/s padding {r['pad_fraction'] * 100:.0f}%"
+                  f"{extra}", flush=True)
         elif r["bench"] == "eval":
             print(f"[bench] eval     {r['case']:24s} generate {r['generate_questions_per_s']:,.1f} q/s, "
                   f"teacher-forced {r['teacher_forced_questions_per_s']:,.1f} q/s: x{r['ratio']:.2f}", flush=True)
@@ -982,6 +1040,113 @@ class Bench:
         for r in results.values():
             self.emit(r)
 
+    # -------------------------------------------------------------- study
+    def run_study(self, mode: str) -> None:
+        """The study's workload for one mode: D_A factoids alone and mixed 1:2 with random-word passages, global
+        batch 32; per data set the plain loop (pad-to-longest, one micro-batch) and the stage's path on one engine:
+        packed (the packed-attention kernel where the model takes it), padded (as `packing: false`), and packed
+        with the 4-D mask. Seconds per D_A epoch come from the median (CPU) or mean (GPU) step."""
+        from . import batching
+        from .data.formatting import encode_examples
+        from .data.kvr import kvr_examples
+        from .data.mixing import random_word_examples
+
+        a = self.args
+        G, n_steps = a.study_batch, a.warmup + a.steps
+        words, passage_mean = (a.study_words, None) if a.study_words else \
+            passage_words_for(self.tok, a.study_passage_tokens, a.seed)
+        n_fact = G * n_steps
+        facts = kvr_examples(n_fact, a.seed, "A")
+        passages = random_word_examples(int(n_fact * STUDY_MIX_RATIO), a.seed, prompt_words=words, target_words=words)
+        base = {"bench": "study", "mode": mode, "global_batch": G, "passage_words": words,
+                "passage_words_basis": "given" if a.study_words else
+                f"chosen so that passages average {a.study_passage_tokens} tokens in this tokenizer "
+                f"(the study's 50 + 50 words in Llama-3 tokens)", "tokenizer_vocab": len(self.tok),
+                "model_vocab": self.vocab, "ds_config": a.study_config}
+        plain: Optional[TrainCase] = None
+        remix: Optional[RemixCase] = None
+        results: List[Dict[str, Any]] = []
+        try:
+            skip = self._skip_reason(mode, a.study_config)
+            if skip:
+                raise _Skip(skip)
+            with PeakMemory(self.device) as mem:
+                t0 = time.perf_counter()
+                plain = PlainCase(self.path, mode, self.lora, self.precision, self.device, self.pad)
+                datasets = {"factoids": facts, "mix": facts + passages}
+                max_seq = 64 * math.ceil(max(len(e.input_ids) for e in
+                                             encode_examples(self.tok, datasets["mix"], 10 ** 9)[0]) / 64)
+                remix = RemixCase(self.path, mode, self.lora, a.study_config, self.precision, G, 10 ** 6, self.pad,
+                                  pack=max_seq, adapt=not a.no_adapt_zero)
+                setup_s = round(time.perf_counter() - t0, 2)
+                kernel = remix.eng.packed_kernel
+                for data, exs in datasets.items():
+                    enc, dropped = encode_examples(self.tok, exs, max_seq, what=f"bench study {data}")
+                    order = batching.epoch_order(len(enc), a.seed, 1, 0)
+                    batches = [[enc[i] for i in order[s * G:(s + 1) * G]] for s in range(len(enc) // G)][:n_steps]
+                    epoch_examples = STUDY_FACTOIDS * (1 + (STUDY_MIX_RATIO if data == "mix" else 0))
+                    steps_per_epoch = math.ceil(epoch_examples / G)
+                    # the first step of the plain loop and of the engine, on the same batch from the same weights:
+                    # the same mean loss (a check of the packed kernel where no CPU test reaches, e.g. varlen_attn)
+                    n_ans = sum(e.num_answer_tokens for e in batches[0])
+                    first_plain = float(plain.step(batches[0])) / n_ans if data == "factoids" else None
+                    first_remix = float(remix.step(batches[0])) / n_ans if data == "factoids" else None
+                    runs = [("plain", plain, "the plain loop: random batches padded to their longest example"),
+                            ("remix_ds", remix, f"stage.global_step, packed ({kernel})"),
+                            ("remix_ds_padded", RemixVariant(remix, 0, True),
+                             "stage.global_step, padded micro-batches (packing: false)"),
+                            ("remix_ds_mask", RemixVariant(remix, max_seq, False),
+                             "stage.global_step, packed rows with the 4-D block-diagonal mask")]
+                    if not remix.eng.packed_varlen:   # the packed case is already the 4-D mask
+                        runs = runs[:3]
+                    timed = measure([(r[1], batches) for r in runs], a.warmup, a.steps, self.device, self.interleave)
+                    recs = {}
+                    lens = [len(e.input_ids) for e in enc]
+                    for (name, _, desc), r in zip(runs, timed):
+                        step_s = r.get("step_time_median_s") or r["step_time_s"]
+                        recs[name] = {**base, "case": f"study:{mode}:{data}:{name}", "data": data,
+                                      "impl": PLAIN if name == "plain" else "remix_ds", "batching": desc, **r,
+                                      "epoch_examples": epoch_examples, "steps_per_epoch": steps_per_epoch,
+                                      "seconds_per_epoch": round(step_s * steps_per_epoch, 3),
+                                      "pad_fraction": round(1 - r["padfree_tokens"] / max(1, r["processed_tokens"]), 4),
+                                      "length_mean": round(sum(lens) / len(lens), 1), "length_max": max(lens),
+                                      "n_dropped": dropped, "setup_s": setup_s, "packed_kernel": kernel,
+                                      "status": "ok"}
+                    if first_plain is not None:
+                        recs["remix_ds"].update({"first_step_loss": round(first_remix, 5),
+                                                 "plain_first_step_loss": round(first_plain, 5),
+                                                 "first_step_loss_rel_diff": round(abs(first_remix - first_plain)
+                                                                                   / max(1e-12, abs(first_plain)), 6)})
+                    ref = recs["plain"]
+                    for name, r in recs.items():
+                        if name == "plain":
+                            continue
+                        r["ratio_epoch_time_vs_plain"] = round(r["seconds_per_epoch"] / ref["seconds_per_epoch"], 4)
+                        r["ratio_padfree_vs_plain"] = round(speed(r, "padfree_tokens_per_s") /
+                                                            speed(ref, "padfree_tokens_per_s"), 4)
+                        if name != "remix_ds_padded":
+                            r["ratio_padfree_vs_padded"] = round(speed(r, "padfree_tokens_per_s") / speed(
+                                recs["remix_ds_padded"], "padfree_tokens_per_s"), 4)
+                    rm = recs["remix_ds"]
+                    rm["target_ratio"] = STUDY_EPOCH_TARGET
+                    rm["meets_target"] = rm["ratio_epoch_time_vs_plain"] <= STUDY_EPOCH_TARGET
+                    rm["meets_aim"] = rm["ratio_epoch_time_vs_plain"] <= STUDY_EPOCH_AIM
+                    if data == "mix":
+                        rm["packing_target_ratio"] = STUDY_PACKING_TARGET
+                        rm["meets_packing_target"] = rm["ratio_padfree_vs_padded"] >= STUDY_PACKING_TARGET
+                    results += list(recs.values())
+                for r in results:
+                    r.update(mem.fields())
+        except Exception as e:
+            rec = {**base, "case": f"study:{mode}", "status": "error"}
+            self._failed(rec, e)
+            results.append(rec)
+        finally:
+            for c in (remix, plain):
+                self._close(c)
+        for r in results:
+            self.emit(r)
+
     # -------------------------------------------------------------- summary
     def summary(self) -> None:
         if not self.main:
@@ -1008,6 +1173,14 @@ class Bench:
                       + (f"  (vs pad-to-longest; x{r['ratio_vs_naive_dataset_longest']:.3f} vs "
                          f"pad-to-dataset-longest, x{r['ratio_vs_naive_max_length']:.3f} vs pad-to-max"
                          + _no_cudnn_ratio(r) + ")" if r.get("ratio_vs_naive_longest") else ""))
+            elif r["bench"] == "study":
+                ratio = r.get("ratio_epoch_time_vs_plain")
+                target = f"<={r['target_ratio']:g} {'ok' if r['meets_target'] else 'NO'}" if "meets_target" in r else ""
+                print(f"{r['case'].replace('study:', ''):26s} {r.get('impl', ''):9s} {speed(r):>10,.0f} "
+                      f"{speed(r, 'padfree_tokens_per_s'):>10,.0f} {self._step_ms(r):>9.1f} {r['peak_mem_gib']:>9.2f} "
+                      f"{(f'{ratio:.3f}' if ratio else ''):>7s} {target:>9s}  {r['seconds_per_epoch']:.2f} s/epoch"
+                      + (f", x{r['ratio_padfree_vs_padded']:.3f} tokens/s vs padded" if "ratio_padfree_vs_padded" in r
+                         else ""))
             elif r["bench"] == "eval":
                 target = f">={r['target_ratio']:g} {'ok' if r['meets_target'] else 'NO'}"
                 print(f"{'eval: generate':26s} {'':9s} {r['generate_questions_per_s']:>10,.1f} q/s")
@@ -1054,6 +1227,10 @@ def markdown_summary(records: List[Dict[str, Any]], run_id: Optional[str] = None
                 f"bitsandbytes {env.get('bitsandbytes')}", "",
                 "| case | ran as | tokens/s | padding-free tokens/s | ms/step | peak GiB | ratio | target |",
                 "|---|---|---|---|---|---|---|---|"]
+        study = [r for r in recs if r.get("bench") == "study"]
+        recs = [r for r in recs if r.get("bench") != "study"]
+        if not recs:
+            out = out[:-3]
         for r in recs:
             case = r.get("case", r["bench"])
             if r.get("status") != "ok":
@@ -1075,8 +1252,42 @@ def markdown_summary(records: List[Dict[str, Any]], run_id: Optional[str] = None
             out.append(f"| {case}{paired} | {_ran_as(r)} | {speed(r):,.0f} | {speed(r, 'padfree_tokens_per_s'):,.0f} | "
                        f"{step_ms:.1f} | {r.get('peak_mem_gib', 0):.2f} | {f'{ratio:.3f}' if ratio else ''}{extra} | "
                        f"{target} |")
+        if study:
+            out += _study_markdown(study)
         out.append("")
     return "\n".join(out)
+
+
+def _study_markdown(recs: List[Dict[str, Any]]) -> List[str]:
+    """The study case's records as a table: seconds per D_A epoch and padding-free tokens/s per batching, with the
+    ratios to the plain loop and to padded micro-batches on the same engine."""
+    r0 = next((r for r in recs if r.get("status") == "ok"), recs[0])
+    out = ["", f"Study shape: global batch {r0.get('global_batch')}, D_A = {STUDY_FACTOIDS} factoids (mix: + "
+                f"{STUDY_MIX_RATIO:g} random-word passages each, {r0.get('passage_words')} + {r0.get('passage_words')} "
+                f"words: {r0.get('passage_words_basis')}); tokenizer vocab {r0.get('tokenizer_vocab')}, model vocab "
+                f"{r0.get('model_vocab')}; ds_config {r0.get('ds_config')}; packed kernel {r0.get('packed_kernel')}; "
+                f"seconds per epoch from the {'median' if 'step_time_median_s' in r0 else 'mean'} step.", "",
+           "| mode | data | batching | s per D_A epoch | padding-free tokens/s | padding | epoch time vs plain | "
+           "tokens/s vs padded | target |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        if r.get("status") != "ok":
+            out.append(f"| {r.get('mode')} | {r.get('case')} | {r.get('status')}: {r.get('reason', '')} | | | | | | |")
+            continue
+        name = r["case"].split(":")[-1]
+        targets = []
+        if "meets_target" in r:
+            targets.append(f"epoch <= {r['target_ratio']:g}x plain: {'met' if r['meets_target'] else 'not met'}"
+                           f" (aim <= {STUDY_EPOCH_AIM:g}x: {'met' if r['meets_aim'] else 'not met'})")
+        if "meets_packing_target" in r:
+            targets.append(f"packed >= {r['packing_target_ratio']:g}x padded: "
+                           f"{'met' if r['meets_packing_target'] else 'not met'}")
+        vs_plain = r.get("ratio_epoch_time_vs_plain")
+        vs_pad = r.get("ratio_padfree_vs_padded")
+        out.append(f"| {r['mode']} | {r['data']} | {name} | {r['seconds_per_epoch']:.2f} | "
+                   f"{speed(r, 'padfree_tokens_per_s'):,.0f} | {r['pad_fraction'] * 100:.1f}% | "
+                   f"{f'{vs_plain:.3f}' if vs_plain else ''} | {f'{vs_pad:.3f}' if vs_pad else ''} | "
+                   f"{'; '.join(targets)} |")
+    return out
 
 
 def parse_cases(text: str) -> List[Tuple[str, List[str]]]:
@@ -1090,6 +1301,14 @@ def parse_cases(text: str) -> List[Tuple[str, List[str]]]:
     for tok in [t.strip() for t in text.split(",") if t.strip()]:
         if tok in ("eval", "padding"):
             plan.setdefault(tok, [])
+            continue
+        if tok == "study" or tok.startswith("study:"):   # study[:MODE]: the study's workload (Bench.run_study)
+            lst = plan.setdefault("study", [])
+            mode = tok.partition(":")[2]
+            if mode and mode not in MODES:
+                raise SystemExit(f"--cases: unknown case {tok!r} (study:MODE with MODE in {', '.join(MODES)})")
+            if mode and mode not in lst:
+                lst.append(mode)
             continue
         mode, _, cfg = tok.partition(":")
         if mode not in MODES:
@@ -1113,8 +1332,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "configurations, written once under REMIX_DS_CACHE (default: tiny)")
     p.add_argument("--cases", default=None,
                    help="comma list of MODE[:CONFIG] (MODE full|lora|qlora; CONFIG plain, zero2, zero3, "
-                        "zero2_offload, zero3_offload or a ds_config path; a bare MODE = zero2+zero3), 'eval' "
-                        "and 'padding'. Default per shape: " +
+                        "zero2_offload, zero3_offload or a ds_config path; a bare MODE = zero2+zero3), 'eval', "
+                        "'padding' and 'study[:MODE]' (the study's workload; bare: per shape " +
+                        "; ".join(f"{k}: {v}" for k, v in STUDY_MODES.items()) + "). Default per shape: " +
                         "; ".join(f"{k}: {v}" for k, v in DEFAULT_CASES.items()))
     p.add_argument("--steps", type=int, default=None,
                    help="timed optimizer steps per case (default: 6 for tiny, 10 for the Llama shapes)")
@@ -1159,6 +1379,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 on a CPU-only run, where busy-waiting OpenMP threads on a "
                         "shared machine make timings erratic; torch's own default on a GPU run; 0: torch's default)")
+    p.add_argument("--study-batch", type=int, default=STUDY_BATCH,
+                   help=f"study case: global batch (default {STUDY_BATCH}, the study's)")
+    p.add_argument("--study-words", type=int, default=None,
+                   help="study case: words per half of a mixing passage (default: as many as make passages average "
+                        "--study-passage-tokens tokens in the shape's tokenizer)")
+    p.add_argument("--study-passage-tokens", type=int, default=STUDY_PASSAGE_TOKENS,
+                   help=f"study case: mean passage length to match (default {STUDY_PASSAGE_TOKENS}: 50 + 50 random "
+                        f"words in Llama-3 tokens)")
+    p.add_argument("--study-config", default="zero2", help="study case: the stage's ds_config (default zero2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summarize", metavar="JSONL", default=None,
                    help="run nothing: print the records of this file as Markdown tables, one per run")
@@ -1204,6 +1433,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             bench.run_eval()
         elif what == "padding":
             bench.run_padding()
+        elif what == "study":
+            for mode in configs or STUDY_MODES[args.shape].split(","):
+                bench.run_study(mode)
         else:
             bench.run_train(what, configs)
     bench.summary()

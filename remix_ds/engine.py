@@ -111,6 +111,16 @@ class Engine:
         self.device = self.engine.device
         # SDPA backends for packed micro-batches (None: torch's choice); padded ones always take torch's choice
         self.packed_sdpa: Optional[list] = packed_sdpa_backends(self.device)
+        # --- packed micro-batches without a 4-D mask (remix_ds.attention): when the model's attention layers take
+        # sequence boundaries, global_step collates packed micro-batches with collate_varlen. Penalties keep the
+        # 4-D mask: their reference forwards (penalties.Forward) take the batch's attention mask, not boundaries
+        from . import attention
+        why = "penalties" if self.penalties else attention.supports(model)
+        self.packed_varlen: bool = why is None
+        self.packed_kernel: str = attention.kernel_name(self.device, self.compute_dtype()) if why is None \
+            else f"4-D mask ({why})"
+        self._attn_configs = attention.model_configs(model) if why is None else []
+        # ---
         if self.zero_stage == 0 and dist.world_size() == 1:
             # nothing to average on one process, but DeepSpeed would still flatten every gradient into a
             # bucket, "all-reduce" it and copy it back after each backward (host time on every step)
@@ -122,6 +132,19 @@ class Engine:
                 for p in params:
                     p.grad = None
             self.engine.zero_grad = zero_grad
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations have in training: autocast's, DeepSpeed's bf16/fp16, else the trained weights'."""
+        cfg = self.ds_config
+        ac = cfg.get("torch_autocast", {})
+        if ac.get("enabled"):
+            return {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16}.get(
+                str(ac.get("dtype", "bfloat16")), torch.bfloat16)
+        if cfg.get("bf16", {}).get("enabled"):
+            return torch.bfloat16
+        if cfg.get("fp16", {}).get("enabled"):
+            return torch.float16
+        return self._params[0].dtype if self._params else torch.float32
 
     @property
     def module(self) -> torch.nn.Module:
@@ -153,12 +176,16 @@ class Engine:
         index, target = answer_positions(labels) if labels.device.type == "cpu" else (None, None)
         dev = self.to_device
         pos = batch.get("position_ids")
-        mask = batch["attention_mask"]
+        mask = batch.get("attention_mask")
+        seg = batch.get("segments")   # collate_varlen: packed attention without a 4-D mask (remix_ds.attention)
+        extra = {} if seg is None else {"segments": seg.to(self.device)}
         # the backward too: gradient checkpointing recomputes each layer's forward there, and a recomputation
-        # under other SDPA backends saves other tensors (torch.utils.checkpoint raises CheckpointError)
-        with sdpa_context(self.packed_sdpa if mask.dim() == 4 else None):
-            out = self.engine(dev(batch["input_ids"]), dev(mask), dev(labels), None if pos is None else dev(pos), False,
-                              None if index is None else dev(index), None if target is None else dev(target))
+        # under other SDPA backends (or another attention implementation) saves other tensors
+        # (torch.utils.checkpoint raises CheckpointError)
+        with self.attention_context(batch):
+            out = self.engine(dev(batch["input_ids"]), None if mask is None else dev(mask), dev(labels),
+                              None if pos is None else dev(pos), False,
+                              None if index is None else dev(index), None if target is None else dev(target), **extra)
             if self.penalties:
                 loss_sum, terms = out
                 self.engine.backward(combine(loss_sum, terms, self.penalties, scale, self._world))
@@ -167,6 +194,17 @@ class Engine:
                 loss_sum = out
                 self.engine.backward(loss_sum * scale)
         return loss_sum.detach()
+
+    def attention_context(self, batch: Dict[str, torch.Tensor]):
+        """What a micro-batch attends through: packed_attention for collate_varlen's batches, the packed SDPA
+        backends for a 4-D mask, torch's choice for padded ones."""
+        if batch.get("segments") is not None:
+            if not self.packed_varlen:
+                raise RuntimeError(f"a varlen-packed batch on an engine without packed attention: {self.packed_kernel}")
+            from .attention import packed_attention
+            return packed_attention(self._attn_configs)
+        mask = batch.get("attention_mask")
+        return sdpa_context(self.packed_sdpa if mask is not None and mask.dim() == 4 else None)
 
     def _log_penalties(self, terms: Dict[str, torch.Tensor], scale: float) -> None:
         """Add this micro-batch's penalty values so that their sum over the step's micro-batches and the ranks is the

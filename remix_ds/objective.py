@@ -7,6 +7,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+PACKED_IMPL = "remix_varlen"   # remix_ds.attention.IMPL (not imported: attention imports nothing from here)
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over positions whose label is not -100 (fp32)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
@@ -74,21 +76,22 @@ class AnswerLoss(torch.nn.Module):
         # multiplies by logit_scale, Gemma 2/3 soft-cap them): run the model's own forward, which applies
         # them, and take its logits at the answer positions (exact; the full logits are formed there)
         self._own_forward = logit_transform(getattr(base, "config", None)) is not None
+        self._config = getattr(base, "config", None)   # whose attention implementation a packed batch checks
         # penalties (remix_ds/penalties.py) live outside the module tree: DeepSpeed must not see a reference
         # model's weights as the trained model's
         object.__setattr__(self, "penalties", list(penalties))
 
-    def _run(self, model: Optional[torch.nn.Module], input_ids, attention_mask, position_ids):
+    def _run(self, model: Optional[torch.nn.Module], input_ids, attention_mask, position_ids, **extra):
         """(hidden states or, for logit-transforming families, the logits; the head that maps them to logits) of
         `model` (None: the trained model)."""
         lm = self.lm if model is None else model
         if self._own_forward:   # "hidden" is then the logits themselves, and the head the identity
             return lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).logits, torch.nn.Identity()
+                      use_cache=False, **extra).logits, torch.nn.Identity()
         decoder = self._decoder if model is None else model.get_decoder()
         head = self._head if model is None else model.get_output_embeddings()
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).last_hidden_state, head
+                       use_cache=False, **extra).last_hidden_state, head
 
     def answer_logits(self, fwd, model: Optional[torch.nn.Module]) -> torch.Tensor:
         """The logits of `model` (None: the trained model as it is now, e.g. with its adapter disabled) at the
@@ -98,12 +101,26 @@ class AnswerLoss(torch.nn.Module):
         return head(_answer_rows(hidden, fwd.answer_index))
 
     def forward(self, input_ids, attention_mask, labels=None, position_ids=None, predict=False, answer_index=None,
-                answer_target=None):
+                answer_target=None, segments=None):
         """Without labels: the full logits. With labels: the answer tokens' cross-entropy sum (fp32); with
         ``predict`` the greedy token at each answer position instead; with penalties (``loss_terms``) a pair
-        (the cross-entropy sum, {penalty name: its raw term})."""
+        (the cross-entropy sum, {penalty name: its raw term}). ``segments``: a varlen-packed batch (below)."""
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = None   # right padding: see the class docstring
+        # --- packed attention without a 4-D mask (remix_ds.attention; collate_varlen): one row, the examples'
+        # boundaries passed to every attention layer, which attends through remix_ds.attention.IMPL (the caller,
+        # Engine.micro_step, switches the model to it for forward and backward)
+        extra = {}
+        if segments is not None:
+            if labels is None:
+                raise ValueError("a varlen-packed batch (segments) needs labels: its segments leave out the last column")
+            if self._config is None or self._config._attn_implementation != PACKED_IMPL:
+                raise RuntimeError("a varlen-packed batch outside remix_ds.attention.packed_attention: its examples "
+                                   "would attend to each other")
+            if self.penalties:
+                raise RuntimeError("a varlen-packed batch with penalties: their reference forwards take a mask")
+            attention_mask, extra = None, {"packed_segments": segments}
+        # ---
         if labels is not None and input_ids.shape[1] > 1:   # the last position predicts nothing trained
             input_ids = input_ids[:, :-1]
             if attention_mask is not None:   # a packed batch's [rows, 1, L, L] mask
@@ -114,7 +131,7 @@ class AnswerLoss(torch.nn.Module):
         if training:
             for p in self.penalties:
                 p.begin()
-        hidden, head = self._run(None, input_ids, attention_mask, position_ids)
+        hidden, head = self._run(None, input_ids, attention_mask, position_ids, **extra)
         if labels is None:
             return head(hidden)
         hidden = hidden[:, :labels.shape[1] - 1]   # [B, L-1, H] (a one-token batch: no position to train)

@@ -32,7 +32,7 @@ from .data.formatting import Encoded, collate, encode_examples, pad_id_of
 from .engine import build_engine
 from .errors import ConfigError
 from .evaluate import teacher_forced_accuracy
-from .files import write_json_atomic
+from .files import read_json, write_json_atomic
 from .model import load_tokenizer, param_count
 from .modes import mode_of
 from .penalties import PenaltyContext, build_penalties
@@ -249,10 +249,30 @@ class StageRun:
                                 warmup_ratio=spec.warmup_ratio, warmup_from_zero=recipe.follows_study("schedule"),
                                 frozen_adapters=self.frozen, gradient_checkpointing=spec.gradient_checkpointing,
                                 penalties=self.penalties)
+        # --- packing: auto times packed against padded forwards of one global batch and keeps the faster
+        if self.pack and spec.packing == "auto" and self.plan is None:
+            self.choose_packing()
+        # ---
         trainable = [p for p in self.eng.module.parameters() if p.requires_grad]
         self.n_trainable = param_count(trainable)
         self.trainable_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
         self.window = Window(self.eng.device)
+
+    def choose_packing(self) -> None:
+        """``packing: auto``: pack or pad by a measurement (remix_ds.attention.choose_packing), logged and recorded
+        in config.json (``packing``, ``packing_auto``)."""
+        from .attention import choose_packing
+
+        G = self.spec.global_batch_size
+        sample = [self.enc[i] for i in epoch_order(len(self.enc), self.recipe.seed, self.stage.k, 0)[:G]]
+        packed, how = choose_packing(self.eng, sample, self.world, self.gas, self.rank, self.pad, self.pack)
+        self.pack = self.pack if packed else 0
+        if dist.is_main():
+            written = read_json(self.out / "config.json")
+            write_json_atomic(str(self.out / "config.json"), {**written, "packing": packed, "packing_auto": how})
+            log.info("%s: packing: auto chose %s (forward of one global batch: packed %.4fs with %s, padded %.4fs)",
+                     self.stage.name, "packing" if packed else "padding", how["packed_forward_s"],
+                     how["packed_kernel"], how["padded_forward_s"])
 
     def resume(self) -> None:
         if self.resume_tag is None:

@@ -217,3 +217,34 @@ def test_gpu_wheels_script_names_the_installed_versions_of_what_the_gpu_machine_
     assert lean.returncode == 0 and "bitsandbytes" not in lean.stdout and "datasets==" not in lean.stdout
     assert subprocess.run(["bash", str(root / "launch" / "gpu_wheels.sh"), "--bogus"],
                           capture_output=True, text=True).returncode == 2
+
+
+def test_bench_study_shape_case(tmp_path, tiny_dir):
+    """study:MODE: the plain loop and the stage's path (packed, padded, packed with the 4-D mask) on D_A factoids
+    alone and mixed 1:2 with passages; epoch times extrapolated from the step times, ratios from the records."""
+    out = tmp_path / "bench.jsonl"
+    res = run_cli([sys.executable, "launch/bench.py", "--shape", "tiny", "--cases", "study:lora", "--steps", "2",
+                   "--warmup", "1", "--study-batch", "8", "--out", str(out)], timeout=300)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
+    recs = {r["case"]: r for r in _records(out)}
+    names = ("plain", "remix_ds", "remix_ds_padded", "remix_ds_mask")
+    assert set(recs) == {f"study:lora:{d}:{n}" for d in ("factoids", "mix") for n in names}
+    assert all(r["status"] == "ok" and r["bench"] == "study" for r in recs.values())
+    for data, epoch in (("factoids", 2000), ("mix", 6000)):
+        plain, packed, padded = (recs[f"study:lora:{data}:{n}"] for n in names[:3])
+        for r in (plain, packed, padded):
+            assert r["epoch_examples"] == epoch and r["steps_per_epoch"] == epoch // 8
+            assert r["seconds_per_epoch"] == pytest.approx(r["step_time_median_s"] * r["steps_per_epoch"], rel=1e-3)
+            assert r["padfree_tokens"] == plain["padfree_tokens"] > 0   # the same examples for every batching
+        assert packed["ratio_epoch_time_vs_plain"] == pytest.approx(
+            packed["seconds_per_epoch"] / plain["seconds_per_epoch"], rel=1e-3)
+        assert packed["packed_kernel"] == "sdpa_groups"
+    mix = {n: recs[f"study:lora:mix:{n}"] for n in names}
+    # passages sized to ~165 tokens, factoids ~28: packing removes the padding that pad-to-longest leaves
+    assert mix["remix_ds"]["length_max"] > 100 and mix["plain"]["pad_fraction"] > 0.2
+    assert mix["remix_ds"]["pad_fraction"] < 0.02 < mix["remix_ds_mask"]["pad_fraction"] < mix["plain"]["pad_fraction"]
+    assert isinstance(mix["remix_ds"]["meets_packing_target"], bool)
+    # the engine's first step and the plain loop's, same weights and batch: the same mean loss
+    assert recs["study:lora:factoids:remix_ds"]["first_step_loss_rel_diff"] < 1e-4
+    summary = run_cli([sys.executable, "launch/bench.py", "--summarize", str(out)], timeout=120)
+    assert "| lora | mix | remix_ds |" in summary.stdout and "s per D_A epoch" in summary.stdout

@@ -167,7 +167,8 @@ def test_packing_is_true_false_or_auto_and_auto_pads_on_cuda_devices(tmp_path):
     with pytest.raises(ConfigError, match="packing must be true, false or auto, got 'yes please'"):
         load_recipe(str(p), ["stage1.packing=yes please"])
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert packs("auto", cpu) and not packs("auto", cuda)
+    # auto may pack on any device: the stage then measures which is faster (remix_ds.attention.choose_packing)
+    assert packs("auto", cpu) and packs("auto", cuda)
     assert packs(True, cuda) and not packs(False, cpu)
 
 

@@ -170,3 +170,16 @@ def test_report_only_rewrites_the_report_from_finished_results(run):
     assert [v["name"] for v in report["variants"]] == ["lora"] and (out / "report.md").exists()
     assert "left out of the report (not finished, or of another config): full" in res.stderr
     assert {p: os.path.getmtime(p) for p in marks} == marks
+
+
+def test_packing_auto_records_its_measured_choice(run):
+    """packing: auto (stage1 of "full") times packed against padded forwards and records the choice it trained
+    with; packing: true packs (here with the mask-free packed attention), false pads, neither measures."""
+    out, _, _ = run
+    auto = json.load(open(out / "full" / "stage1" / "config.json"))
+    how = auto["packing_auto"]
+    assert how["packed_forward_s"] > 0 and how["padded_forward_s"] > 0 and how["packed_kernel"] == "sdpa_groups"
+    assert auto["packing"] == (how["packed_forward_s"] < how["padded_forward_s"])
+    lora = json.load(open(out / "lora" / "stage1" / "config.json"))
+    assert lora["packing"] is True and "packing_auto" not in lora
+    assert json.load(open(out / "full" / "stage2" / "config.json"))["packing"] is False
