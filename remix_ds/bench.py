@@ -3,7 +3,7 @@
 One run of ``python launch/bench.py --shape SHAPE`` measures, on the same model shape, batch and precision:
 
 - ``train``: the stage's real code path (``load_for_training`` + ``resolve_ds_config`` + ``Engine`` +
-  ``stage.global_step``, exactly as ``stage.train_stage`` builds them) against a plain loop (model on
+  ``batching.global_step``, exactly as ``stage.StageRun`` builds them) against a plain loop (model on
   the device, torch AdamW (fused on CUDA), bf16 autocast with fp32 master weights for full fine-tuning
   on a GPU, a bf16 base with PEFT's fp32 adapters for LoRA, fp32 on CPU; the same token-mean loss and
   gradient clipping). Tokens/s, padding-free tokens/s, step time, peak memory and the ratio to the
@@ -615,7 +615,7 @@ def passage_words_for(tok, tokens: int, seed: int = 0, probe: int = 24) -> Tuple
 
 
 class RemixVariant(TrainCase):
-    """A RemixCase's engine stepped by stage.global_step with other batching: `pack` (0: padded micro-batches,
+    """A RemixCase's engine stepped by batching.global_step with other batching: `pack` (0: padded micro-batches,
     grouped by length as the stage pads), and `varlen` (False: packed rows with the 4-D block-diagonal mask).
     Counts its own tokens, so that it can be timed interleaved with the case it wraps."""
 
@@ -969,7 +969,7 @@ class Bench:
                      f"study's own batching"),
                     ("naive_longest", Naive(case, None), naive_batches,
                      "random batches, padded to the longest sequence of the batch"),
-                    ("remix_ds", case, remix_batches, f"the stage's batching ({how} + stage.global_step, "
+                    ("remix_ds", case, remix_batches, f"the stage's batching ({how} + batching.global_step, "
                      + (f"packing into rows of {pack} tokens)" if pack else "packing off)"))]
             sdpa = {name: None for name, *_ in runs}
             sdpa["remix_ds"] = case.eng.packed_sdpa   # padded micro-batches (if any) take torch's choice
@@ -1092,11 +1092,11 @@ class Bench:
                     first_plain = float(plain.step(batches[0])) / n_ans if data == "factoids" else None
                     first_remix = float(remix.step(batches[0])) / n_ans if data == "factoids" else None
                     runs = [("plain", plain, "the plain loop: random batches padded to their longest example"),
-                            ("remix_ds", remix, f"stage.global_step, packed ({kernel})"),
+                            ("remix_ds", remix, f"batching.global_step, packed ({kernel})"),
                             ("remix_ds_padded", RemixVariant(remix, 0, True),
-                             "stage.global_step, padded micro-batches (packing: false)"),
+                             "batching.global_step, padded micro-batches (packing: false)"),
                             ("remix_ds_mask", RemixVariant(remix, max_seq, False),
-                             "stage.global_step, packed rows with the 4-D block-diagonal mask")]
+                             "batching.global_step, packed rows with the 4-D block-diagonal mask")]
                     if not remix.eng.packed_varlen:   # the packed case is already the 4-D mask
                         runs = runs[:3]
                     timed = measure([(r[1], batches) for r in runs], a.warmup, a.steps, self.device, self.interleave)

@@ -144,7 +144,7 @@ class KLPenalty(Penalty):
         self._cursor = 0
 
     def check(self, stage) -> None:
-        if mode_of(stage.spec).trains_adapter and stage.input()[1]:
+        if mode_of(stage.spec).trains_adapter and unmerged_below(stage):
             raise ConfigError(f"{stage.name}: regularizer kl on a LoRA stage whose input keeps earlier adapters "
                               f"unmerged: disabling the adapter would also drop theirs, so the reference would not be "
                               f"the stage-start model. Set merge: true in the earlier LoRA stages")
@@ -247,6 +247,12 @@ class KLPenalty(Penalty):
         self.reference = self._ref_engine = self._keep = None
 
 
+def unmerged_below(stage) -> bool:
+    """Whether the stage's input keeps earlier adapters unmerged (an earlier LoRA stage with merge: false), read from
+    the specs alone (no model is resolved)."""
+    return any(mode_of(s).trains_adapter and not s.merge for s in stage.variant.stages[:stage.k - 1])
+
+
 def objective_device(objective) -> torch.device:
     return next(objective.lm.parameters()).device
 
@@ -292,7 +298,7 @@ class ParamPenalty(Penalty):
         self.fisher: Optional[Dict[str, torch.Tensor]] = None
 
     def check(self, stage) -> None:
-        if mode_of(stage.spec).trains_adapter and stage.input()[1]:
+        if mode_of(stage.spec).trains_adapter and unmerged_below(stage):
             raise ConfigError(f"{stage.name}: regularizer {self.name} on a LoRA stage whose input keeps earlier "
                               f"adapters unmerged: the anchor would not be the stage-start weights. Set merge: true in "
                               f"the earlier LoRA stages")

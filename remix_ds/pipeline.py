@@ -41,6 +41,9 @@ def check_recipe(recipe: Recipe, variants: List[Variant]) -> None:
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
             check_combination(spec, ds_cfg, v.stages[k] if k < len(v.stages) else None, where)
+            from .penalties import build_penalties
+            for p in build_penalties(spec):   # what a penalty cannot serve, before any stage trains
+                p.check(Stage(recipe, v, k))
             from .tracking import check_trackers, requested
             check_trackers(requested(spec), where)
     check_model_dir(recipe.model, "model")

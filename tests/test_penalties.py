@@ -305,3 +305,50 @@ def test_full_fine_tuning_kl_and_ewc_train_alike_on_one_process_and_two_ranks(tm
     # the penalty changed training: the naive stage 2 is not what the penalised ones are
     ewc, kl = _steps(runs["one"], "ewc-z2"), _steps(runs["one"], "kl-z2")
     assert ewc[-1]["loss"] != pytest.approx(kl[-1]["loss"], rel=1e-3)
+
+
+REFUSED = """
+name: refused
+output_dir: {out}
+model: tiny
+max_seq_length: 48
+datasets:
+  A: {{source: kvr, num_examples: 8}}
+  B: {{source: kvrB, num_examples: 8}}
+stage1: {{data: A, finetune: lora, merge: false}}
+stage2: {{data: B, finetune: lora}}
+"""
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stage1.regularizer=ewc", "regularizer ewc needs a previous stage"),
+    ("stage2.regularizer={method: fisher}", "regularizer.method must be one of kl, ewc, l2"),
+    ("stage2.regularizer={method: kl, tokens: C}", "regularizer.tokens is kl's: answers or a dataset"),
+    ("stage2.regularizer={method: l2, tokens: A}", "regularizer.tokens is kl's"),
+    ("stage2.regularizer={method: kl, weight: -1}", "regularizer.weight must be >= 0"),
+])
+def test_a_regularizer_it_cannot_serve_is_refused_when_the_recipe_loads(override, message, tmp_path):
+    from remix_ds.config import load_recipe
+    from remix_ds.errors import ConfigError
+
+    p = write_recipe(tmp_path / "r.yaml", REFUSED.format(out=tmp_path / "run"))
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(str(p), ["stage1.merge=true", override])
+
+
+@pytest.mark.parametrize("method", ["kl", "ewc", "l2"])
+def test_a_penalty_over_unmerged_earlier_adapters_is_refused_before_any_stage_trains(method, tmp_path):
+    """The adapter-disabled model (KL) and the anchors (EWC, L2) would not be the stage-start model: refused by
+    the recipe check, before stage 1 trains; with stage 1 merged the same recipe passes the check."""
+    from remix_ds.config import load_recipe
+    from remix_ds.errors import ConfigError
+    from remix_ds.pipeline import check_recipe
+
+    p = write_recipe(tmp_path / "r.yaml", REFUSED.format(out=tmp_path / "run"))
+    r = load_recipe(str(p), [f"stage2.regularizer={method}"])
+    assert r.variants[0].stages[1].regularizer.method == method and r.variants[0].stages[1].regularizer.weight == 1.0
+    with pytest.raises(ConfigError, match="earlier adapters unmerged.*merge: true"):
+        check_recipe(r, r.variants)
+    assert not (tmp_path / "run").exists()
+    merged = load_recipe(str(p), [f"stage2.regularizer={method}", "stage1.merge=true"])
+    check_recipe(merged, merged.variants)
