@@ -421,9 +421,7 @@ class EWCPenalty(ParamPenalty):
             log.info("%s: EWC Fisher of %s over %d examples saved to %s", stage.name, stage.previous.name,
                      len(examples), path)
         dist.barrier()
-        from safetensors.torch import load_file
-
-        self.fisher = load_file(str(path))
+        self.fisher = LazyTensors(path)   # read tensor by tensor in attach: no rank holds the whole Fisher
         self._device = ctx.device
 
     def attach(self, objective) -> None:
@@ -514,6 +512,23 @@ def diagonal_fisher(model: torch.nn.Module, examples, pad: int, device: torch.de
             a.add_(_wide(g) ** 2)
     n = max(1, len(examples))
     return {name: (a / n).cpu() for name, a in zip(names, acc)}
+
+
+class LazyTensors:
+    """A safetensors file as a read-only mapping whose tensors are read one at a time (an 8B model's Fisher is 16-32
+    GB: each rank keeps only its slices, and never holds more of the file than one tensor)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt", device="cpu")
+        self._keys = set(self._file.keys())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
 
 
 def save_fisher(path: Path, fisher: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
