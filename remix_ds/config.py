@@ -172,7 +172,8 @@ class StageSpec:
     gradient_checkpointing: bool = False   # recompute activations in backward: only when memory needs it
     adapt_zero: bool = True       # choose the ZeRO stage by world size and mode (see zero.resolve_ds_config)
     # pack each micro-batch (per-example attention: remix_ds.attention, or a 4-D mask): true, false, or auto (time
-    # packed and padded forwards of one global batch when the stage starts, keep the faster: attention.choose_packing)
+    # packed and padded forwards of one global batch when the stage starts, keep the faster: attention.choose_packing;
+    # under ZeRO-3: pack on CPU, pad on CUDA)
     packing: Any = "auto"
     save_every: int = 0           # DeepSpeed checkpoint every N optimizer steps (0: none)
     keep_checkpoints: int = 2     # keep the newest N complete checkpoints

@@ -249,10 +249,9 @@ class StageRun:
                                 warmup_ratio=spec.warmup_ratio, warmup_from_zero=recipe.follows_study("schedule"),
                                 frozen_adapters=self.frozen, gradient_checkpointing=spec.gradient_checkpointing,
                                 penalties=self.penalties)
-        # --- packing: auto times packed against padded forwards of one global batch and keeps the faster
+        # packing: auto times packed against padded forwards of one global batch and keeps the faster
         if self.pack and spec.packing == "auto" and self.plan is None:
             self.choose_packing()
-        # ---
         trainable = [p for p in self.eng.module.parameters() if p.requires_grad]
         self.n_trainable = param_count(trainable)
         self.trainable_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
@@ -263,6 +262,19 @@ class StageRun:
         in config.json (``packing``, ``packing_auto``)."""
         from .attention import choose_packing
 
+        if self.eng.zero_stage == 3:
+            # ZeRO-3 prefetches parameters along the module trace its forwards recorded, and forwards without a
+            # backward (the measurement) leave parameters in flight that the final gather then trips on: no
+            # measurement there, the earlier rule (pack on CPU, pad on CUDA, where packed 4-D-mask steps ran slower)
+            packed = self.eng.device.type != "cuda"
+            self.pack = self.pack if packed else 0
+            if dist.is_main():
+                written = read_json(self.out / "config.json")
+                write_json_atomic(str(self.out / "config.json"), {**written, "packing": packed,
+                                                                  "packing_auto": {"rule": "ZeRO-3: by device"}})
+                log.info("%s: packing: auto under ZeRO-3 measures nothing: %s on %s", self.stage.name,
+                         "packing" if packed else "padding", self.eng.device.type)
+            return
         G = self.spec.global_batch_size
         sample = [self.enc[i] for i in epoch_order(len(self.enc), self.recipe.seed, self.stage.k, 0)[:G]]
         packed, how = choose_packing(self.eng, sample, self.world, self.gas, self.rank, self.pad, self.pack)

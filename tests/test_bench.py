@@ -176,6 +176,7 @@ def test_gpu_script_invocations_parse(tmp_path):
     assert any(line.endswith("--padding-mix-ratio 0.25") for _, line in lines)   # the minority-passage mix
     for _, args in lines:
         cmd = f"{args} {common}".replace('"${PADDING[@]}"', padding)   # the array's words, as bash expands it
+        cmd = re.sub(r"\$\(STUDY (\w+)\)", r",study:\1", cmd)   # the script's STUDY function (BENCH_STUDY=1)
         for k, v in env.items():
             cmd = cmd.replace("${" + k + "}" if not k.startswith("{") else "$" + k, v).replace("$" + k, v)
         argv = shlex.split(cmd)
@@ -186,7 +187,9 @@ def test_gpu_script_invocations_parse(tmp_path):
             assert ns.padding_words == 50 and ns.padding_mix_ratio == 0.25
         for mode, configs in parse_cases(ns.cases):
             for c in configs:
-                if c != "plain":
+                if mode == "study":   # study:MODE: the study's workload in that fine-tuning mode
+                    assert c in ("full", "lora", "qlora"), c
+                elif c != "plain":
                     ds_config_path(c)   # raises for an unknown config
 
 
