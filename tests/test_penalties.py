@@ -352,3 +352,22 @@ def test_a_penalty_over_unmerged_earlier_adapters_is_refused_before_any_stage_tr
     assert not (tmp_path / "run").exists()
     merged = load_recipe(str(p), [f"stage2.regularizer={method}", "stage1.merge=true"])
     check_recipe(merged, merged.variants)
+
+
+def test_the_bundled_baseline_recipe_compares_every_method_on_one_stage_1(tmp_path, tiny_dir):
+    """remix_ds/recipes/baselines.yaml: naive, KL, EWC, L2, replay, joint and REMIX; every variant but remix trains
+    the same stage 1 (the dry run plans it once and reuses it), and joint replays all of D_A exactly once."""
+    from remix_ds.config import REPO_DIR, load_recipe
+    from remix_ds.pipeline import plan
+
+    r = load_recipe(str(REPO_DIR / "remix_ds" / "recipes" / "baselines.yaml"), [f"output_dir={tmp_path / 'run'}"])
+    names = [v.name for v in r.variants]
+    assert names == ["naive", "kl", "ewc", "l2", "replay", "joint", "remix"]
+    regs = {v.name: v.stages[1].regularizer and v.stages[1].regularizer.method for v in r.variants}
+    assert regs == {"naive": None, "kl": "kl", "ewc": "ewc", "l2": "l2", "replay": None, "joint": None, "remix": None}
+    joint = r.variant("joint").stages[1].mix
+    assert joint.source == "replay" and joint.ratio * r.datasets["B"].num_examples == r.datasets["A"].num_examples
+    rows = plan(r, r.variants)
+    stage1 = {row["variant"]: row["action"] for row in rows if row["stage"] == 1}
+    assert stage1["naive"] == "train" and stage1["remix"] == "train"
+    assert all(stage1[n] == "reuse" for n in names if n not in ("naive", "remix"))
