@@ -146,6 +146,10 @@ class StageRun:
         if isinstance(found, ConfigError):   # every rank raises it, none waits in a collective
             raise found
         self.resume_tag = found
+        # a resumed stage keeps the batching packing: auto chose when it started (a new measurement could choose
+        # the other, and the resumed steps would round differently from an uninterrupted run's)
+        cfg = read_json(out / "config.json") if found is not None else None
+        self.resumed_packing = dist.broadcast_object(cfg.get("packing") if cfg and "packing_auto" in cfg else None)
         if dist.is_main():
             ckpts = stage.checkpoints
             if found is None and spec.resume == "auto" and ckpts.is_dir() and any(ckpts.iterdir()):
@@ -251,7 +255,11 @@ class StageRun:
                                 penalties=self.penalties)
         # packing: auto times packed against padded forwards of one global batch and keeps the faster
         if self.pack and spec.packing == "auto" and self.plan is None:
-            self.choose_packing()
+            if self.resumed_packing is not None:
+                self.pack = self.pack if self.resumed_packing else 0
+                self.record_packing(bool(self.resumed_packing), {"resumed": "the choice of the stage's first start"})
+            else:
+                self.choose_packing()
         trainable = [p for p in self.eng.module.parameters() if p.requires_grad]
         self.n_trainable = param_count(trainable)
         self.trainable_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
@@ -268,23 +276,25 @@ class StageRun:
             # measurement there, the earlier rule (pack on CPU, pad on CUDA, where packed 4-D-mask steps ran slower)
             packed = self.eng.device.type != "cuda"
             self.pack = self.pack if packed else 0
-            if dist.is_main():
-                written = read_json(self.out / "config.json")
-                write_json_atomic(str(self.out / "config.json"), {**written, "packing": packed,
-                                                                  "packing_auto": {"rule": "ZeRO-3: by device"}})
-                log.info("%s: packing: auto under ZeRO-3 measures nothing: %s on %s", self.stage.name,
-                         "packing" if packed else "padding", self.eng.device.type)
+            self.record_packing(packed, {"rule": f"ZeRO-3: by device ({self.eng.device.type})"})
             return
         G = self.spec.global_batch_size
         sample = [self.enc[i] for i in epoch_order(len(self.enc), self.recipe.seed, self.stage.k, 0)[:G]]
         packed, how = choose_packing(self.eng, sample, self.world, self.gas, self.rank, self.pad, self.pack)
         self.pack = self.pack if packed else 0
+        self.record_packing(packed, how)
+
+    def record_packing(self, packed: bool, how: Dict[str, Any]) -> None:
+        """packing: auto's choice into config.json, and a log line saying why."""
         if dist.is_main():
             written = read_json(self.out / "config.json")
             write_json_atomic(str(self.out / "config.json"), {**written, "packing": packed, "packing_auto": how})
-            log.info("%s: packing: auto chose %s (forward of one global batch: packed %.4fs with %s, padded %.4fs)",
-                     self.stage.name, "packing" if packed else "padding", how["packed_forward_s"],
-                     how["packed_kernel"], how["padded_forward_s"])
+            if "packed_forward_s" in how:
+                why = (f"forward of one global batch: packed {how['packed_forward_s']:.4f}s with "
+                       f"{how['packed_kernel']}, padded {how['padded_forward_s']:.4f}s")
+            else:
+                why = next(iter(how.values()))
+            log.info("%s: packing: auto chose %s (%s)", self.stage.name, "packing" if packed else "padding", why)
 
     def resume(self) -> None:
         if self.resume_tag is None:
