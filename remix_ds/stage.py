@@ -291,7 +291,7 @@ class StageRun:
             write_json_atomic(str(self.out / "config.json"), {**written, "packing": packed, "packing_auto": how})
             if "packed_forward_s" in how:
                 why = (f"forward of one global batch: packed {how['packed_forward_s']:.4f}s with "
-                       f"{how['packed_kernel']}, padded {how['padded_forward_s']:.4f}s")
+                       f"{how['packed_kernel']}, padded {how['padded_forward_s']:.4f}s; {how['rule']}")
             else:
                 why = next(iter(how.values()))
             log.info("%s: packing: auto chose %s (%s)", self.stage.name, "packing" if packed else "padding", why)

@@ -431,7 +431,8 @@ def test_stage_step_with_varlen_packing_trains_as_padding(tiny_dir, one_process_
 
 
 def test_packing_auto_measures_forwards_without_changing_the_engine(tiny_dir, one_process_dist):
-    """choose_packing times padded and packed forwards of a global batch and picks the faster; it trains nothing
+    """choose_packing times padded and packed forwards of a global batch and picks the clearly faster (else by the
+    positions packing saves, the same in every run); it trains nothing
     (the weights and the optimizer's step count stay, no gradient is left)."""
     from remix_ds.attention import choose_packing
     from remix_ds.config import LoraSpec
@@ -447,7 +448,11 @@ def test_packing_auto_measures_forwards_without_changing_the_engine(tiny_dir, on
     eng = Engine(model, cfg, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, total_steps=4, warmup_ratio=0.0)
     before = {n: p.detach().clone() for n, p in eng.module.named_parameters()}
     packed, how = choose_packing(eng, enc, 1, 2, 0, tok.pad_token_id, 128, repeats=2)
-    assert packed == (how["packed_forward_s"] < how["padded_forward_s"]) and how["packed_kernel"] == "sdpa_groups"
+    ps, pd = how["packed_forward_s"], how["padded_forward_s"]
+    # clearly faster (by more than 10%) wins; within 10% the data decides: pack where it saves >= 20% of positions
+    expected = True if ps < 0.9 * pd else False if pd < 0.9 * ps else how["positions_saved"] >= 0.2
+    assert packed == expected and how["packed_kernel"] == "sdpa_groups"
+    assert 0 < how["positions_saved"] < 1   # this batch mixes lengths: packing removes some padding
     assert how["packed_forward_s"] > 0 and how["padded_forward_s"] > 0
     for n, p in eng.module.named_parameters():
         assert torch.equal(p, before[n]) and p.grad is None, n
