@@ -377,8 +377,9 @@ def choose_packing(eng, chunk: Sequence, world: int, gas: int, rank: int, pad: i
     else:
         pack = saved >= MIN_POSITIONS_SAVED
         rule = f"within {CHOICE_MARGIN:.0%}: by the positions packing saves ({saved:.0%})"
-    info: Dict[str, object] = {"packed_forward_s": round(packed_s, 5), "padded_forward_s": round(padded_s, 5),
-                               "positions_saved": round(saved, 4), "rule": rule,
+    # the values the rule compared, unrounded (a record that re-derives the choice exactly)
+    info: Dict[str, object] = {"packed_forward_s": packed_s, "padded_forward_s": padded_s,
+                               "positions_saved": saved, "rule": rule,
                                "packed_kernel": eng.packed_kernel if getattr(eng, "packed_varlen", False)
                                else "4-D mask", "repeats": repeats}
     return pack, info
