@@ -330,6 +330,8 @@ def _probe_once(device: str, dtype: torch.dtype) -> Optional[str]:
 # noise on a shared machine) it decides by the token positions packing saves, so that identical runs choose alike
 CHOICE_MARGIN = 0.10
 MIN_POSITIONS_SAVED = 0.20
+# below this share of positions saved packing is not even timed: padded (factoids alone, uniform lengths)
+MIN_POSITIONS_MEASURED = 0.05
 
 
 def choose_packing(eng, chunk: Sequence, world: int, gas: int, rank: int, pad: int, capacity: int,
@@ -337,9 +339,10 @@ def choose_packing(eng, chunk: Sequence, world: int, gas: int, rank: int, pad: i
     """``packing: auto``: whether packed micro-batches run this rank's share of `chunk` (a global batch) faster than
     padded ones, measured. Forward passes only (no gradients, nothing of the engine's state changes), padded and
     packed alternately, `repeats` times, the fastest of each; the ranks' times are summed so that every rank makes
-    the same choice. A difference within ``CHOICE_MARGIN`` is noise: then packing is chosen where it saves at least
-    ``MIN_POSITIONS_SAVED`` of the token positions (a property of the data, the same in every run). Returns (pack,
-    what was measured)."""
+    the same choice. Where packing saves less than ``MIN_POSITIONS_MEASURED`` of the token positions nothing is
+    timed (padded); a difference within ``CHOICE_MARGIN`` is noise: then packing is chosen where it saves at least
+    ``MIN_POSITIONS_SAVED`` of the positions (a property of the data, the same in every run). Returns (pack, what
+    was measured)."""
     import time
 
     from . import dist
@@ -359,17 +362,22 @@ def choose_packing(eng, chunk: Sequence, world: int, gas: int, rank: int, pad: i
     def positions(pack: int) -> int:
         return sum(b["input_ids"].numel() for b in global_step_batches(eng, chunk, world, gas, rank, pad, pack))
 
+    n = torch.tensor([positions(capacity), positions(0)], dtype=torch.float64, device=eng.device)
+    if dist.world_size() > 1:
+        dist.all_reduce_sum(n)
+    saved = 1.0 - float(n[0]) / max(1.0, float(n[1]))
+    if saved < MIN_POSITIONS_MEASURED:   # nothing worth packing: no timing (whose noise could choose either)
+        return False, {"positions_saved": saved, "rule": f"packing saves {saved:.0%} of the positions: padded, "
+                                                          f"not measured"}
     run(capacity), run(0)   # warm-up: first calls build kernels, caches and allocator pools
     best = {"packed": float("inf"), "padded": float("inf")}
     for _ in range(repeats):
         best["packed"] = min(best["packed"], run(capacity))
         best["padded"] = min(best["padded"], run(0))
-    t = torch.tensor([best["packed"], best["padded"], positions(capacity), positions(0)], dtype=torch.float64,
-                     device=eng.device)
+    t = torch.tensor([best["packed"], best["padded"]], dtype=torch.float64, device=eng.device)
     if dist.world_size() > 1:
         dist.all_reduce_sum(t)
-    packed_s, padded_s, packed_n, padded_n = (float(x) for x in t.tolist())
-    saved = 1.0 - packed_n / max(1.0, padded_n)
+    packed_s, padded_s = (float(x) for x in t.tolist())
     if packed_s < (1 - CHOICE_MARGIN) * padded_s:
         pack, rule = True, "measured: packed faster"
     elif padded_s < (1 - CHOICE_MARGIN) * packed_s:

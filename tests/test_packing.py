@@ -447,6 +447,10 @@ def test_packing_auto_measures_forwards_without_changing_the_engine(tiny_dir, on
     model, _ = load_for_training(tiny_dir, "full", LoraSpec(r=4, alpha=8), cfg, torch.float32)
     eng = Engine(model, cfg, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, total_steps=4, warmup_ratio=0.0)
     before = {n: p.detach().clone() for n, p in eng.module.named_parameters()}
+    # factoids alone (near-equal lengths): nothing to pack, nothing timed
+    factoids = [e for e in enc if len(e.input_ids) <= min(len(x.input_ids) for x in enc) + 2]
+    packed, how = choose_packing(eng, factoids[:4], 1, 2, 0, tok.pad_token_id, 128, repeats=2)
+    assert not packed and how["positions_saved"] < 0.05 and "not measured" in how["rule"]
     packed, how = choose_packing(eng, enc, 1, 2, 0, tok.pad_token_id, 128, repeats=2)
     ps, pd = how["packed_forward_s"], how["padded_forward_s"]
     # clearly faster (by more than 10%) wins; within 10% the data decides: pack where it saves >= 20% of positions

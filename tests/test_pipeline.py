@@ -178,11 +178,14 @@ def test_packing_auto_records_its_measured_choice(run):
     out, _, _ = run
     auto = json.load(open(out / "full" / "stage1" / "config.json"))
     how = auto["packing_auto"]
-    assert how["packed_forward_s"] > 0 and how["padded_forward_s"] > 0 and how["packed_kernel"] == "sdpa_groups"
-    ps, pd = how["packed_forward_s"], how["padded_forward_s"]
-    # the clearly faster (by more than 10%), else packing where it saves at least 20% of the positions
-    assert auto["packing"] == (True if ps < 0.9 * pd else False if pd < 0.9 * ps else how["positions_saved"] >= 0.2)
-    assert how["rule"].startswith("measured" if abs(ps - pd) > 0.1 * max(ps, pd) else "within 10%")
+    if how["positions_saved"] < 0.05:   # factoids of near-equal length: nothing to pack, nothing timed
+        assert auto["packing"] is False and "not measured" in how["rule"] and "packed_forward_s" not in how
+    else:
+        assert how["packed_forward_s"] > 0 and how["padded_forward_s"] > 0 and how["packed_kernel"] == "sdpa_groups"
+        ps, pd = how["packed_forward_s"], how["padded_forward_s"]
+        # the clearly faster (by more than 10%), else packing where it saves at least 20% of the positions
+        assert auto["packing"] == (True if ps < 0.9 * pd else False if pd < 0.9 * ps else how["positions_saved"] >= 0.2)
+        assert how["rule"].startswith("measured" if abs(ps - pd) > 0.1 * max(ps, pd) else "within 10%")
     lora = json.load(open(out / "lora" / "stage1" / "config.json"))
     assert lora["packing"] is True and "packing_auto" not in lora
     assert json.load(open(out / "full" / "stage2" / "config.json"))["packing"] is False
