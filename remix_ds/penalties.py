@@ -23,7 +23,6 @@ objective adds ``weight * factor * term`` to the loss.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import dist
+from .config import stage_hash
 from .errors import ConfigError
 from .modes import mode_of
 
@@ -74,8 +74,14 @@ class Penalty:
         self.spec = spec
         self.weight = float(spec.weight)
 
+    # why an adapter-trained stage above earlier unmerged adapters cannot be served (check)
+    needs_merged_input = ""
+
     def check(self, stage) -> None:
-        pass
+        if mode_of(stage.spec).trains_adapter and unmerged_below(stage):
+            raise ConfigError(f"{stage.name}: regularizer {self.name} on a LoRA stage whose input keeps earlier "
+                              f"adapters unmerged: {self.needs_merged_input}. Set merge: true in the earlier LoRA "
+                              f"stages")
 
     def prepare(self, ctx: PenaltyContext) -> None:
         pass
@@ -132,6 +138,8 @@ class KLPenalty(Penalty):
     optimizer, partitioned across the ranks like the trained model (as OpenRLHF prepares its reference model), and
     otherwise a copy on the device in the trained weights' dtype."""
     name = "kl"
+    needs_merged_input = "disabling the adapter would also drop theirs, so the reference would not be the " \
+                         "stage-start model"
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
@@ -144,10 +152,7 @@ class KLPenalty(Penalty):
         self._cursor = 0
 
     def check(self, stage) -> None:
-        if mode_of(stage.spec).trains_adapter and unmerged_below(stage):
-            raise ConfigError(f"{stage.name}: regularizer kl on a LoRA stage whose input keeps earlier adapters "
-                              f"unmerged: disabling the adapter would also drop theirs, so the reference would not be "
-                              f"the stage-start model. Set merge: true in the earlier LoRA stages")
+        super().check(stage)
         if self.tokens != "answers" and self.tokens not in stage.recipe.datasets:
             raise ConfigError(f"{stage.name}: regularizer.tokens must be answers or a dataset of the recipe "
                               f"({', '.join(stage.recipe.datasets)}), got {self.tokens!r}")
@@ -289,6 +294,7 @@ class ParamPenalty(Penalty):
     base weight (scaling x B @ A), with that weight's F. Each term is taken in a forward pre-hook of the module
     that owns the weight, where ZeRO-3 has gathered it (the hook is registered after DeepSpeed's own)."""
     needs_fisher = False
+    needs_merged_input = "the anchor would not be the stage-start weights"
 
     def __init__(self, spec) -> None:
         super().__init__(spec)
@@ -296,32 +302,27 @@ class ParamPenalty(Penalty):
         self._collected: List[torch.Tensor] = []
         self._collecting = False
         self.fisher: Optional[Dict[str, torch.Tensor]] = None
-
-    def check(self, stage) -> None:
-        if mode_of(stage.spec).trains_adapter and unmerged_below(stage):
-            raise ConfigError(f"{stage.name}: regularizer {self.name} on a LoRA stage whose input keeps earlier "
-                              f"adapters unmerged: the anchor would not be the stage-start weights. Set merge: true in "
-                              f"the earlier LoRA stages")
+        self._device: Optional[torch.device] = None   # where the Fisher's slices go (EWC's prepare sets it)
 
     def attach(self, objective) -> None:
         world, rank = dist.world_size(), dist.rank()
         lora = objective.lm is not objective.base
         n = 0
+        seen = set()   # a weight two modules share (tied embeddings) is anchored and penalised once, under its first name
         for name, module in objective.lm.named_modules():
             if lora:
                 if not (hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})):
                     continue
-                numel = module.base_layer.weight.ds_numel if hasattr(module.base_layer.weight, "ds_numel") \
-                    else module.base_layer.weight.numel()
-                lo, hi = rank_slice(numel, world, rank)
-                entries = [(None, lo, hi, None, self._fisher_slice(_fisher_key(name), lo, hi))]
+                lo, hi = rank_slice(_numel(module.base_layer.weight), world, rank)
+                # the Fisher's key for an adapted layer is the layer's name (penalties.fisher_names)
+                entries = [(None, lo, hi, None, self._fisher_slice(name, lo, hi))]
             else:
                 entries = []
                 for pname, p in module.named_parameters(recurse=False):
-                    if not p.requires_grad:
+                    if not p.requires_grad or id(p) in seen:
                         continue
-                    numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                    lo, hi = rank_slice(numel, world, rank)
+                    seen.add(id(p))
+                    lo, hi = rank_slice(_numel(p), world, rank)
                     full = f"{name}.{pname}" if name else pname
                     entries.append((pname, lo, hi, _gathered_slice(p, lo, hi),
                                     self._fisher_slice(full, lo, hi)))
@@ -338,7 +339,7 @@ class ParamPenalty(Penalty):
         if key not in self.fisher:
             raise RuntimeError(f"regularizer {self.name}: the Fisher has no entry for {key}")
         f = _wide(self.fisher[key].reshape(-1)[lo:hi])
-        return f.to(self._device) if hasattr(self, "_device") else f
+        return f.to(self._device) if self._device is not None else f
 
     def _make_hook(self, module: torch.nn.Module, entries) -> Callable:
         def hook(mod, args):
@@ -371,6 +372,11 @@ class ParamPenalty(Penalty):
         self._hooks = []
 
 
+def _numel(p: torch.Tensor) -> int:
+    """A weight's element count, also under ZeRO-3 (where the local tensor is a partition)."""
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
 def _gathered_slice(p: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """This rank's slice of a weight's flattened values (at least fp32), gathered first under ZeRO-3."""
     if hasattr(p, "ds_id"):
@@ -379,10 +385,6 @@ def _gathered_slice(p: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             return _wide(p.detach().reshape(-1)[lo:hi]).clone()
     return _wide(p.detach().reshape(-1)[lo:hi]).clone()
-
-
-def _fisher_key(lora_module_name: str) -> str:
-    return lora_module_name
 
 
 class L2Penalty(ParamPenalty):
@@ -440,8 +442,8 @@ def fisher_path(stage, dtype: torch.dtype, samples: int) -> Path:
     spec = stage.spec
     adapter = mode_of(spec).trains_adapter
     lora = [spec.lora.r, sorted(spec.lora.target_modules)] if adapter else None
-    key = hashlib.sha256(json.dumps([stage.previous.hash, adapter, lora, samples, str(dtype)],
-                                    default=str).encode()).hexdigest()[:12]
+    key = stage_hash({"previous": stage.previous.hash, "adapter": adapter, "lora": lora, "samples": samples,
+                      "dtype": str(dtype)})[:12]
     return stage.previous.dir / "fisher" / f"{key}.safetensors"
 
 

@@ -249,6 +249,37 @@ def test_a_parameter_penalty_is_the_sum_of_the_ranks_slices(tiny_dir, monkeypatc
     assert 0 < values[1] < values[0] and 0 < values[2] < values[0]
 
 
+@pytest.mark.parametrize("method", ["ewc", "l2"])
+def test_a_tied_weight_is_penalised_once(method, tiny_dir):
+    """A model whose output layer shares the embedding (tied weights, as Llama 3.2 1B has): the shared weight is
+    anchored and penalised once, under the name the Fisher has it by (named_parameters' first)."""
+    from transformers import AutoModelForCausalLM
+
+    from remix_ds.config import RegularizerSpec
+    from remix_ds.objective import AnswerLoss
+    from remix_ds.penalties import EWCPenalty, L2Penalty
+
+    _, batch, _ = _examples(tiny_dir, n=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    names = [n for n, _ in model.named_parameters()]
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    pen = (EWCPenalty if method == "ewc" else L2Penalty)(RegularizerSpec(method=method))
+    fisher = {n: torch.rand_like(q) for n, q in model.named_parameters()} if method == "ewc" else None
+    pen.fisher = dict(fisher) if fisher else None
+    start = {n: q.detach().clone() for n, q in model.named_parameters()}
+    obj = AnswerLoss(model, [pen])
+    pen.attach(obj)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    _, terms = obj(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    plain = sum(float(((fisher[n] if fisher else 1.0) * (q.detach() - start[n]) ** 2).sum())
+                for n, q in model.named_parameters())
+    assert float(terms[method].detach()) == pytest.approx(plain, rel=1e-9)
+
+
 RECIPE = """
 name: pen
 output_dir: {out}
