@@ -16,7 +16,7 @@ import torch
 
 from . import dist
 from .files import atomic_save, write_json_atomic
-from .objective import AnswerLoss, answer_positions, combine
+from .objective import AnswerLoss, answer_positions, combine, penalty_factor
 from .zero import offloads_optimizer, uses_torch_autocast, zero_stage
 
 log = logging.getLogger(__name__)
@@ -208,13 +208,12 @@ class Engine:
 
     def _log_penalties(self, terms: Dict[str, torch.Tensor], scale: float) -> None:
         """Add this micro-batch's penalty values so that their sum over the step's micro-batches and the ranks is the
-        step's value: a per-token penalty in the loss's normalisation (scale / (world x gas): the global batch's mean
-        per answer token), a parameter penalty (this rank's slice, the same at every micro-step) once per step, a
-        shared batch's mean averaged over micro-steps and ranks."""
+        step's value: what the term adds to the loss (``objective.penalty_factor``) after DeepSpeed's 1/gas and the
+        rank average, i.e. the factor / (world x gas): a per-token penalty in the loss's normalisation (the global
+        batch's mean per answer token), a parameter penalty (this rank's slice) once per step, a shared batch's mean
+        averaged over micro-steps and ranks."""
         for p in self.penalties:
-            # the step's value, once summed over micro-steps and ranks (see objective.penalty_factor)
-            share = {"tokens": scale / (self._world * self._gas), "slice": 1.0 / self._gas,
-                     "batch": 1.0 / (self._world * self._gas)}[p.scaling]
+            share = penalty_factor(p.scaling, scale, self._world) / (self._world * self._gas)
             value = terms[p.name].detach().double() * share
             self._penalty_log[p.name] = self._penalty_log[p.name] + value if p.name in self._penalty_log else value
 
