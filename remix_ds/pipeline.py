@@ -20,6 +20,7 @@ from .checkpoints import latest_checkpoint
 from .stage import train_stage
 from .stages import Stage
 from .modes import mode_of
+from .penalties import build_penalties
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ def check_recipe(recipe: Recipe, variants: List[Variant]) -> None:
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
             check_combination(spec, ds_cfg, v.stages[k] if k < len(v.stages) else None, where)
-            from .penalties import build_penalties
             for p in build_penalties(spec):   # what a penalty cannot serve, before any stage trains
                 p.check(Stage(recipe, v, k))
             from .tracking import check_trackers, requested
@@ -181,8 +181,7 @@ def identical_stage(stage: Stage) -> Optional[Path]:
         if other.name == stage.variant.name or len(other.stages) < stage.k:
             continue
         there = stage.other(other)
-        done = there.done()   # its DONE.json has this hash and its output is there
-        if done and done.get("hash") == stage.hash and os.path.isdir(there.output_model()):
+        if there.is_complete(stage.hash):   # its DONE.json has this hash and its output is there
             return there.dir
     return None
 

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .config import Recipe, StageSpec, Variant, stage_hash
 from .data import stage_train_set
@@ -89,7 +89,7 @@ class Stage:
 
     def output(self) -> Tuple[str, List[str]]:
         """(model directory, adapters kept active on it) that the stage hands on to the next and to evaluation."""
-        return output_of(self.dir, self.spec.finetune, self.spec.merge, self.input)
+        return mode_of(self.spec).output(self.dir, self.spec.merge, self.input)
 
     def output_model(self) -> str:
         """The directory the stage writes last (the merged or full model, or the unmerged adapter)."""
@@ -127,10 +127,11 @@ class Stage:
     def hash(self) -> str:
         return stage_hash(self.fingerprint)
 
-    def is_complete(self) -> bool:
-        """The stage's output is there and of its current config."""
+    def is_complete(self, h: Optional[str] = None) -> bool:
+        """The stage's output is there and of its current config (``h``: of the config with that hash instead, e.g.
+        another variant's same stage, without computing this one's fingerprint)."""
         done = self.done()
-        return bool(done) and done.get("hash") == self.hash and os.path.isdir(self.output_model())
+        return bool(done) and done.get("hash") == (h or self.hash) and os.path.isdir(self.output_model())
 
     # ------------------------------------------------------------ settings
     @property
@@ -203,12 +204,6 @@ class Stage:
 
 def stages_of(recipe: Recipe, variant: Variant) -> List[Stage]:
     return [Stage(recipe, variant, k) for k in range(1, len(variant.stages) + 1)]
-
-
-def output_of(d: Path, finetune: str, merge: bool, stage_in: Callable[[], Tuple[str, List[str]]]
-              ) -> Tuple[str, List[str]]:
-    """``Stage.output`` for the stage directory `d`: the mode's (``FineTuneMode.output``)."""
-    return mode_of(finetune).output(d, merge, stage_in)
 
 
 def stage_precision(recipe: Recipe, spec: StageSpec) -> str:
