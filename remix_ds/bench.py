@@ -898,25 +898,12 @@ class Bench:
         self.emit(rec)
 
     # -------------------------------------------------------------- padding
-    def stage_batches(self, enc, G: int) -> Tuple[List[List[Any]], str]:
-        """The global batches the stage would train on in its first epoch, by the stage's own code."""
-        from . import batching as stage
-
-        fn = getattr(stage, "epoch_batches", None)
-        if fn is not None:
-            try:
-                return [list(b) for b in fn(enc, G, self.args.seed, 1, 0)], "stage.epoch_batches"
-            except TypeError:
-                log.warning("stage.epoch_batches has an unexpected signature; using stage.epoch_order")
-        order = stage.epoch_order(len(enc), self.args.seed, 1, 0)
-        return [[enc[i] for i in order[s * G:(s + 1) * G]] for s in range(len(enc) // G)], "stage.epoch_order"
-
     def _sdpa_variants(self) -> bool:
         a = self.args.padding_sdpa_variants
         return _is_cuda(self.device) if a == "auto" else a == "on"
 
     def run_padding(self) -> None:
-        from . import batching as stage
+        from . import batching
         from .data.formatting import collate, encode_examples
 
         a = self.args
@@ -936,9 +923,10 @@ class Bench:
                 "length_mean": round(sum(lens) / len(lens), 1),
                 "factoid_length_mean": round(sum(kvr_l) / max(1, len(kvr_l)), 1),
                 "mix_length_mean": round((sum(lens) - sum(kvr_l)) / max(1, len(lens) - len(kvr_l)), 1)}
-        order = stage.epoch_order(len(enc), a.seed, 1, 0)
-        naive_batches = [[enc[i] for i in order[s * G:(s + 1) * G]] for s in range(len(enc) // G)]
-        remix_batches, how = self.stage_batches(enc, G)
+        # the global batches of a stage's first epoch (batching.epoch_order, sliced as the stage slices it): every
+        # batching below deals the same ones
+        order = batching.epoch_order(len(enc), a.seed, 1, 0)
+        batches = [[enc[i] for i in order[s * G:(s + 1) * G]] for s in range(len(enc) // G)]
         case: Optional[RemixCase] = None
         results: Dict[str, Dict[str, Any]] = {}
         try:
@@ -962,14 +950,14 @@ class Bench:
                     self.remix.eng.step()
                     return loss
 
-            runs = [("naive_max_length", Naive(case, max_seq), naive_batches,
+            runs = [("naive_max_length", Naive(case, max_seq), batches,
                      f"random batches, every sequence padded to max_seq_length={max_seq}"),
-                    ("naive_dataset_longest", Naive(case, lens[-1]), naive_batches,
+                    ("naive_dataset_longest", Naive(case, lens[-1]), batches,
                      f"random batches, every sequence padded to the longest of the dataset ({lens[-1]}): the "
                      f"study's own batching"),
-                    ("naive_longest", Naive(case, None), naive_batches,
+                    ("naive_longest", Naive(case, None), batches,
                      "random batches, padded to the longest sequence of the batch"),
-                    ("remix_ds", case, remix_batches, f"the stage's batching ({how} + batching.global_step, "
+                    ("remix_ds", case, batches, "the stage's batching (batching.epoch_order + batching.global_step, "
                      + (f"packing into rows of {pack} tokens)" if pack else "packing off)"))]
             sdpa = {name: None for name, *_ in runs}
             sdpa["remix_ds"] = case.eng.packed_sdpa   # padded micro-batches (if any) take torch's choice
@@ -980,8 +968,8 @@ class Bench:
                 by_name = {r[0]: r for r in runs}
                 sdpa.update({f"naive_longest{NO_CUDNN}": no_cudnn, f"remix_ds{TORCH_SDPA}": None})
                 runs += [(f"naive_longest{NO_CUDNN}", SdpaChoice(by_name["naive_longest"][1], case.eng, no_cudnn),
-                          naive_batches, f"{by_name['naive_longest'][3]}; SDPA without cuDNN attention"),
-                         (f"remix_ds{TORCH_SDPA}", SdpaChoice(case, case.eng, None), remix_batches,
+                          batches, f"{by_name['naive_longest'][3]}; SDPA without cuDNN attention"),
+                         (f"remix_ds{TORCH_SDPA}", SdpaChoice(case, case.eng, None), batches,
                           f"{by_name['remix_ds'][3]}; SDPA backends of torch's own choice for packed micro-batches too")]
             if any(len(batches) < 1 for _, _, batches, _ in runs):
                 raise RuntimeError("too few examples for one global batch")
