@@ -348,19 +348,21 @@ def choose_packing(eng, chunk: Sequence, world: int, gas: int, rank: int, pad: i
     from . import dist
     from .batching import global_step_batches
 
+    # this rank's micro-batches of the global batch, packed and padded: collated once, timed several times
+    batches = {pack: global_step_batches(eng, chunk, world, gas, rank, pad, pack) for pack in (capacity, 0)}
+
     def run(pack: int) -> float:
-        batches = global_step_batches(eng, chunk, world, gas, rank, pad, pack)
         if eng.device.type == "cuda":
             torch.cuda.synchronize(eng.device)
         t0 = time.perf_counter()
-        for batch in batches:
+        for batch in batches[pack]:
             forward_only(eng, batch)
         if eng.device.type == "cuda":
             torch.cuda.synchronize(eng.device)
         return time.perf_counter() - t0
 
     def positions(pack: int) -> int:
-        return sum(b["input_ids"].numel() for b in global_step_batches(eng, chunk, world, gas, rank, pad, pack))
+        return sum(b["input_ids"].numel() for b in batches[pack])
 
     n = torch.tensor([positions(capacity), positions(0)], dtype=torch.float64, device=eng.device)
     if dist.world_size() > 1:

@@ -18,7 +18,7 @@ from .errors import ConfigError
 WIDTH_MULTIPLE_CUDA = 8
 
 
-def packs(packing, device: Optional[torch.device] = None) -> bool:
+def packs(packing) -> bool:
     """Whether a stage's ``packing`` setting may pack: true and auto (which then measures, once the engine is built:
     ``remix_ds.attention.choose_packing``); false pads."""
     return packing == "auto" or bool(packing)

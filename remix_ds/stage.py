@@ -257,7 +257,7 @@ class StageRun:
         if self.pack and spec.packing == "auto" and self.plan is None:
             if self.resumed_packing is not None:
                 self.pack = self.pack if self.resumed_packing else 0
-                self.record_packing(bool(self.resumed_packing), {"resumed": "the choice of the stage's first start"})
+                self.record_packing(bool(self.resumed_packing), {"rule": "resumed: the choice of the stage's first start"})
             else:
                 self.choose_packing()
         trainable = [p for p in self.eng.module.parameters() if p.requires_grad]
@@ -285,16 +285,14 @@ class StageRun:
         self.record_packing(packed, how)
 
     def record_packing(self, packed: bool, how: Dict[str, Any]) -> None:
-        """packing: auto's choice into config.json, and a log line saying why."""
+        """packing: auto's choice into config.json, and a log line saying why (``how["rule"]``, and what was timed)."""
         if dist.is_main():
             written = read_json(self.out / "config.json")
             write_json_atomic(str(self.out / "config.json"), {**written, "packing": packed, "packing_auto": how})
-            if "packed_forward_s" in how:
-                why = (f"forward of one global batch: packed {how['packed_forward_s']:.4f}s with "
-                       f"{how['packed_kernel']}, padded {how['padded_forward_s']:.4f}s; {how['rule']}")
-            else:
-                why = next(iter(how.values()))
-            log.info("%s: packing: auto chose %s (%s)", self.stage.name, "packing" if packed else "padding", why)
+            timed = (f"forward of one global batch: packed {how['packed_forward_s']:.4f}s with {how['packed_kernel']}, "
+                     f"padded {how['padded_forward_s']:.4f}s; ") if "packed_forward_s" in how else ""
+            log.info("%s: packing: auto chose %s (%s%s)", self.stage.name, "packing" if packed else "padding", timed,
+                     how["rule"])
 
     def resume(self) -> None:
         if self.resume_tag is None:

@@ -156,9 +156,7 @@ def test_fingerprint_ignores_logging_keys_only(tmp_path):
     assert epochs[0] == ref[0] and epochs[1] != ref[1]         # stage 1 is untouched by a stage-2 key
 
 
-def test_packing_is_true_false_or_auto_and_auto_pads_on_cuda_devices(tmp_path):
-    import torch
-
+def test_packing_is_true_false_or_auto_and_auto_may_pack(tmp_path):
     from remix_ds.batching import packs
 
     p = write_recipe(tmp_path / "r.yaml", BASE.format(out=tmp_path / "run"))
@@ -166,10 +164,8 @@ def test_packing_is_true_false_or_auto_and_auto_pads_on_cuda_devices(tmp_path):
     assert load_recipe(str(p), ["stage1.packing=false"]).variants[0].stages[0].packing is False
     with pytest.raises(ConfigError, match="packing must be true, false or auto, got 'yes please'"):
         load_recipe(str(p), ["stage1.packing=yes please"])
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    # auto may pack on any device: the stage then measures which is faster (remix_ds.attention.choose_packing)
-    assert packs("auto", cpu) and packs("auto", cuda)
-    assert packs(True, cuda) and not packs(False, cpu)
+    # auto may pack (on any device: the stage then measures which is faster, remix_ds.attention.choose_packing)
+    assert packs("auto") and packs(True) and not packs(False)
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
